@@ -1,0 +1,47 @@
+# unidiff — the two commands a new user types: `make quickstart` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Quiet, offline-friendly defaults for every command run from here.
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+export OMP_NUM_THREADS ?= 1
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup test test-unit test-dist test-slurm test-e2e quickstart bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU build 2.13.0; an unpinned torch pulls gigabytes of CUDA packages.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(BIN)/pytest -q -n 2 --dist loadgroup tests
+
+test-unit: setup
+	$(BIN)/pytest -q -m unit tests
+
+test-dist: setup
+	$(BIN)/pytest -q -m dist tests
+
+test-slurm: setup
+	$(BIN)/pytest -q -m slurm tests
+
+test-e2e: setup
+	$(BIN)/pytest -q -m e2e tests
+
+quickstart: setup
+	$(BIN)/unidiff quickstart configs/experiments/quickstart.yaml
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs data

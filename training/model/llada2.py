@@ -1,0 +1,156 @@
+"""The one LLaDA2.0(-Uni) MoE backbone definition. Plain PyTorch; parallelism is applied from outside (engines).
+
+Module names reproduce the official weight names (`model.word_embeddings`, `model.layers.N.attention.query_key_value`,
+`model.layers.N.mlp.gate.expert_bias`, `lm_head`, ...), so `hf_format` only has to split/stack the fused experts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from training.model.attention import Attention
+from training.model.mlp import SwiGLU
+from training.model.moe import MoE, RouterStats
+from training.model.norm import RMSNorm
+from training.model.rope import rope_tables
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, L, V] (fp32 on the way out of the head under autocast: see forward)
+    aux_loss: torch.Tensor  # scalar: load-balancing + router z-loss, already scaled by their coefficients
+    router: list[RouterStats] = field(default_factory=list)  # one per MoE layer
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (k, v) of *these* tokens, if use_cache
+
+
+class DecoderLayer(nn.Module):
+    """pre-RMSNorm -> attention -> residual -> RMSNorm -> dense MLP or MoE -> residual."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = layer_idx >= cfg.first_k_dense_replace
+        self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        a, kv = self.attention(self.input_layernorm(x), cos, sin, mask, past_kv)
+        x = x + a
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            m, aux, stats = self.mlp(h)
+        else:
+            m, aux, stats = self.mlp(h), None, None
+        return x + m, kv, aux, stats
+
+
+class LLaDA2Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LLaDA2MoE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        self.model = LLaDA2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.word_embeddings.weight
+        self.activation_checkpointing = False
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.word_embeddings(input_ids)
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_kv=None, use_cache=False,
+                inputs_embeds=None) -> ModelOutput:
+        """input_ids [B, L] (or inputs_embeds [B, L, H]); position_ids [B, L] (default arange, offset by the cache);
+        attention_mask: bool broadcastable to [B, 1, L, L_past + L] (True = may attend), a FlexAttention BlockMask,
+        or None (full bidirectional). past_kv: list of per-layer (k, v) from earlier calls with use_cache=True."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, l, _ = x.shape
+        if position_ids is None:
+            start = past_kv[0][0].shape[2] if past_kv else 0
+            position_ids = torch.arange(start, start + l, device=x.device).expand(b, l)
+        cos, sin = rope_tables(position_ids, self.rotary_dim, self.config.rope_theta,
+                               torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+                               else x.dtype)
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        stats, new_kv = [], []
+        for i, layer in enumerate(self.model.layers):
+            past = past_kv[i] if past_kv else None
+            if self.activation_checkpointing and self.training:
+                x, kv, aux, st = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attention_mask, past,
+                                                                   use_reentrant=False)
+            else:
+                x, kv, aux, st = layer(x, cos, sin, attention_mask, past)
+            if aux is not None:
+                aux_total = aux_total + aux
+                stats.append(st)
+            if use_cache:
+                new_kv.append(kv)
+        logits = self.lm_head(self.model.norm(x)).float()
+        return ModelOutput(logits=logits, aux_loss=aux_total, router=stats, kv=new_kv if use_cache else None)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    @torch.no_grad()
+    def update_expert_bias(self, loads: list[torch.Tensor], rate: float) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load), per MoE layer.
+        `loads` should already be summed over data-parallel ranks so every replica moves identically."""
+        for moe, load in zip(self.moe_layers(), loads):
+            moe.gate.expert_bias += rate * torch.sign(load.mean() - load).to(moe.gate.expert_bias)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init (normal(0, initializer_range); output projections scaled by 1/sqrt(2 * layers))."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed)
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("dense.weight", "down_proj.weight", "down_proj")):
+                p.copy_(torch.randn(p.shape, generator=gen) * out_std)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for moe in self.moe_layers():
+            moe.gate.expert_bias.zero_()
+
+
+def build_model(cfg, device: str | torch.device = "cpu", seed: int = 0) -> LLaDA2MoE:
+    """Build on the meta device (no memory), then materialise on `device` and initialise, unless device is meta."""
+    with torch.device("meta"):
+        model = LLaDA2MoE(cfg)
+    if str(device) == "meta":
+        return model
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def count_params(model: LLaDA2MoE) -> dict:
+    """Total and per-token active parameters (embeddings and head included); works on the meta device."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for moe in model.moe_layers():
+        e = moe.experts
+        per_expert = (e.gate_proj.numel() + e.up_proj.numel() + e.down_proj.numel()) // cfg.num_experts
+        inactive += (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    emb = model.model.word_embeddings.weight.numel()
+    return {"total_params": total, "active_params": total - inactive,
+            "active_params_no_embeddings": total - inactive - emb - (0 if cfg.tie_word_embeddings else emb),
+            "experts_per_layer": cfg.num_experts, "moe_layers": len(model.moe_layers())}
