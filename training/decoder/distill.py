@@ -1,0 +1,67 @@
+"""Few-step distillation losses for the turbo sampler ("predict clean, re-noise" on the uniform grid t_k = k/K).
+
+The student s keeps the teacher's architecture and velocity output; its clean estimate is
+f_s(x, t) = x + (1 - t) s(x, t). Both methods make f_s(x_{t_n}, t_n) agree with the clean image reached from
+x_{t_n}, by bootstrapping one student interval at a time (consistency models, Song et al. 2023):
+
+  consistency_training (teacher-free; the consistency half of TwinFlow/RCGM, iCT-style target = stop-grad student):
+      x_n = t_n x1 + (1-t_n) e,  x_m = t_m x1 + (1-t_m) e  (same e, m = n+1)
+      L = d( f_s(x_n, t_n),  sg f_s(x_m, t_m) )          with f(x_K, 1) := x1
+  consistency_distillation (frozen teacher T, CFG baked in):
+      x_n as above,  x_m = EulerODE_T(x_n, t_n -> t_m, teacher_substeps, guidance w)
+      L = d( f_s(x_n, t_n),  sg f_s(x_m, t_m) )          with f(x_K, 1) := x_m (the teacher's endpoint)
+
+d is L2 or the pseudo-Huber distance of iCT (c = 0.00054 sqrt(numel per sample)). Only the student's K grid times
+are trained, since those are the only times its sampler evaluates.
+"""
+from __future__ import annotations
+
+import torch
+
+from training.decoder.flow import clean_estimate, interpolate
+from training.decoder.samplers import guided_velocity
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "l2":
+        return (a - b).pow(2).flatten(1).mean(1).mean()
+    c = 0.00054 * a[0].numel() ** 0.5
+    return ((a - b).pow(2).flatten(1).sum(1) + c * c).sqrt().sub(c).mean()
+
+
+@torch.no_grad()
+def teacher_jump(teacher, x, t0: torch.Tensor, t1: torch.Tensor, ids, substeps: int, cfg_scale: float):
+    """Euler ODE of the (guided) teacher from per-sample t0 to t1 in `substeps` equal sub-steps."""
+    dt = (t1 - t0) / substeps
+    for k in range(substeps):
+        t = t0 + k * dt
+        x = x + dt.view(-1, 1, 1, 1) * guided_velocity(teacher, x, t, ids, cfg_scale)
+    return x
+
+
+def distill_loss(student, x1: torch.Tensor, ids: torch.Tensor, dcfg, teacher=None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One consistency loss on a batch of clean latents x1 [B, C, H, W] with ids [B, gh, gw]."""
+    b, K = x1.shape[0], dcfg.steps
+    n = torch.randint(0, K, (b,), generator=generator)
+    t_n, t_m = (n.float() / K).to(x1.device), ((n + 1).float() / K).to(x1.device)
+    e = torch.randn(x1.shape, generator=generator).to(x1)
+    x_n = interpolate(x1, e, t_n)
+    keep = torch.ones(b, dtype=torch.bool, device=x1.device)
+    if dcfg.method == "consistency_distillation":
+        if teacher is None:
+            raise ValueError("distill.method=consistency_distillation needs a teacher model")
+        x_m = teacher_jump(teacher, x_n, t_n, t_m, ids, dcfg.teacher_substeps, dcfg.teacher_cfg_scale)
+        end = x_m
+    else:
+        x_m = interpolate(x1, e, t_m)
+        end = x1
+    with torch.no_grad():
+        last = (n + 1 == K).to(x1.device).view(-1, 1, 1, 1)
+        inner = ~last.view(-1)
+        target = end.clone()
+        if inner.any():  # boundary condition f(x, 1) = x: only the inner items need a student evaluation
+            tm = t_m[inner]
+            target[inner] = clean_estimate(x_m[inner], tm, student(x_m[inner], tm, ids[inner], keep[inner]).float())
+    pred = clean_estimate(x_n, t_n, student(x_n, t_n, ids, keep).float())
+    return distance(pred, target, dcfg.loss)
