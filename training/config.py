@@ -145,6 +145,7 @@ class TrainConfig:
     save_every: int = 50  # steps between periodic checkpoints (0: only at the end and on signals)
     keep_last: int = 3
     resume: str = "auto"  # auto: latest valid checkpoint in the run dir | none | a checkpoint path
+    init_from: str = ""  # HF checkpoint dir (config.json + safetensors) to start from when there is nothing to resume
     max_consecutive_nonfinite: int = 5  # NaN/inf steps are skipped; stop after this many in a row
     log_every: int = 1
     peak_flops: float = 989e12  # per device, for the MFU estimate (H100 SXM bf16 dense)
@@ -160,6 +161,8 @@ class TrainConfig:
                self.global_batch_size, f"a multiple of train.micro_batch_size={self.micro_batch_size}")
         _check(self.resume in ("auto", "none") or Path(self.resume).exists(), "train.resume", self.resume,
                "auto | none | an existing checkpoint directory")
+        _check(not self.init_from or (Path(self.init_from) / "config.json").exists(), "train.init_from",
+               self.init_from, "empty or an HF checkpoint dir holding config.json")
         _check(self.seq_len <= root.model.max_position_embeddings, "train.seq_len", self.seq_len,
                f"<= model.max_position_embeddings={root.model.max_position_embeddings}")
 

@@ -66,6 +66,7 @@ class LLaDA2MoE(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.word_embeddings.weight
         self.activation_checkpointing = False
+        self.last_router: list[RouterStats] = []
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.word_embeddings(input_ids)
@@ -98,6 +99,7 @@ class LLaDA2MoE(nn.Module):
             if use_cache:
                 new_kv.append(kv)
         logits = self.lm_head(self.model.norm(x)).float()
+        self.last_router = stats  # read by the trainer for logging and the bias update (the loss hides the output)
         return ModelOutput(logits=logits, aux_loss=aux_total, router=stats, kv=new_kv if use_cache else None)
 
     def moe_layers(self) -> list[MoE]:

@@ -1,0 +1,98 @@
+"""`unidiff <command> CONFIG.yaml [dotted.key=value ...] [--flags]` — the one entry point.
+
+Positional words after the command are read as: the config (the first word ending in .yaml/.yml), dotlist overrides
+(words containing '='), and the command's own positionals (e.g. OUT for `data make-sample`). The config is loaded and
+validated before the command does any work. Each command is a function `(cfg, args) -> int` imported lazily, so
+`unidiff --help` and `model info` stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from training.config import ConfigError
+
+
+def _flags_info(p):
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _flags_import(p):
+    p.add_argument("--src", required=True, help="HF checkpoint dir (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="model preset YAML to write")
+
+
+def _flags_export(p):
+    p.add_argument("--out", required=True, help="output dir for config.json + safetensors")
+    p.add_argument("--checkpoint", default="", help="checkpoint dir (default: the run's latest valid one)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+
+
+# name -> (target "module:function", flag adder or None, help)
+COMMANDS: dict[str, tuple[str, object, str]] = {
+    "model info": ("launch.commands:cmd_model_info", _flags_info, "parameter counts (meta device, no memory)"),
+    "convert hf-import": ("launch.commands:cmd_hf_import", _flags_import,
+                          "check an HF checkpoint and write a model preset for it (train with train.init_from=DIR)"),
+    "convert hf-export": ("launch.commands:cmd_hf_export", _flags_export, "export a checkpoint to HF format"),
+    "train": ("launch.commands:cmd_train", None, "train the backbone (in this process; see `launch local`)"),
+}
+
+
+def _split(words: list[str]):
+    config, overrides, rest = None, [], []
+    for w in words:
+        if config is None and w.endswith((".yaml", ".yml")):
+            config = w
+        elif "=" in w and not w.startswith("-"):
+            overrides.append(w)
+        else:
+            rest.append(w)
+    return config, overrides, rest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unidiff", description="Pretrain, distill and evaluate unified "
+                                     "discrete-diffusion multimodal MoE models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (target, add_flags, help_text) in COMMANDS.items():
+        words = name.split()
+        if len(words) == 1:
+            p = sub.add_parser(words[0], help=help_text)
+        else:
+            if words[0] not in groups:
+                g = sub.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            p = groups[words[0]].add_parser(words[1], help=help_text)
+        p.set_defaults(target=target)
+        p.add_argument("words", nargs="*", help="CONFIG.yaml, dotted.key=value overrides, and positionals")
+        if add_flags:
+            add_flags(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "target", None):
+        parser.print_help()
+        return 2
+    config, overrides, args.positionals = _split(args.words)
+    from training.config import load_config
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        print(f"unidiff: config error: {e}", file=sys.stderr)
+        return 2
+    module, fn = args.target.split(":")
+    try:
+        return int(getattr(importlib.import_module(module), fn)(cfg, args) or 0)
+    except ConfigError as e:
+        print(f"unidiff: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Backbone commands of the CLI: model info, HF import/export, train. Each is `(cfg, args) -> exit code`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from training.config import ConfigError
+
+
+def cmd_model_info(cfg, args) -> int:
+    from training.model import build_model, count_params
+
+    counts = count_params(build_model(cfg.model, "meta"))
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for k, v in counts.items():
+            print(f"{k:>28}: {v:,}" if isinstance(v, int) else f"{k:>28}: {v}")
+    return 0
+
+
+def cmd_hf_import(cfg, args) -> int:
+    """Validate an HF checkpoint against its config.json without loading it (safetensors headers, meta model),
+    then write a model preset whose numbers match it."""
+    from safetensors import safe_open
+
+    from training.hf_format import _EXPERT_KEY, _shard_files, read_hf_config
+    from training.model import build_model
+
+    src = Path(args.src)
+    mcfg = read_hf_config(src, cfg.model)
+    model = build_model(mcfg, "meta")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    seen = 0
+    for f in _shard_files(src):
+        with safe_open(str(f), "pt") as sf:
+            for key in sf.keys():
+                m = _EXPERT_KEY.match(key)
+                name = f"{m.group(1)}.{m.group(3)}" if m else key
+                want = shapes.get(name)
+                got = tuple(sf.get_slice(key).get_shape())
+                if want is None:
+                    raise ConfigError(f"{f.name}: unexpected weight {key} for this config.json")
+                if (want[1:] if m else want) != got:
+                    raise ConfigError(f"{key}: shape {got} in {f.name} does not match config.json ({want})")
+                seen += 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(mcfg)}))
+    out.write_text(f"# Model preset imported from {src} by `unidiff convert hf-import`.\n"
+                   f"# Train from these weights with: unidiff train CONFIG.yaml train.init_from={src}\n{body}")
+    print(f"checked {seen} tensors in {src}; wrote {out}")
+    return 0
+
+
+def cmd_hf_export(cfg, args) -> int:
+    """Load a checkpoint saved under any layout into one process and write the official HF layout."""
+    import torch
+
+    from training.checkpoint import CheckpointManager
+    from training.engines import build_engine
+    from training.hf_format import export_hf
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else CheckpointManager(cfg.run_dir / "checkpoints").latest_valid()
+    if ckpt is None:
+        raise ConfigError(f"no valid checkpoint under {cfg.run_dir / 'checkpoints'}; pass --checkpoint DIR")
+    single = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1, expert=1,
+                                                                   expert_tensor=1, pipeline=1),
+                                 train=dataclasses.replace(cfg.train, engine="native"))
+    engine = build_engine(single)
+    engine.load(ckpt)
+    state = engine.full_state_dict()
+    out = export_hf(state, engine.unwrap().config, args.out, dtype=getattr(torch, args.dtype))
+    print(f"exported {ckpt} -> {out}")
+    return 0
+
+
+def cmd_train(cfg, args) -> int:
+    from training.trainer import train
+
+    train(cfg)
+    return 0

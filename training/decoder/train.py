@@ -1,0 +1,318 @@
+"""`unidiff train-decoder` (flow-matching teacher) and `unidiff distill` (few-step student), one loop each.
+
+A step reads top to bottom: batch -> latent -> loss -> backward -> clip -> optimizer -> EMA -> log -> checkpoint.
+The engine (native torch, or DeepSpeed ZeRO data parallel) only changes how backward/step run (`_Stepper`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from training.decoder import checkpoint
+from training.decoder.distill import distill_loss
+from training.decoder.flow import flow_loss
+from training.decoder.latent import build_latent
+from training.decoder.pairs import batches, decoder_pairs
+from training.decoder.sigvq import TokenDecoder
+
+LogFn = Callable[[int, dict], None]
+
+
+def build_decoder(dcfg) -> TokenDecoder:
+    return TokenDecoder(dcfg)
+
+
+def jsonl_logger(path: Path, wandb_run=None) -> LogFn:
+    """The tiny logging interface: log(step, metrics) -> metrics.jsonl (+ wandb when a run object is given)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(step: int, metrics: dict) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(metrics, step=step)
+
+    return log
+
+
+def _lr_lambda(warmup: int, total: int, floor: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+class EMA:
+    """Float32 shadow of the trainable weights (buffers and frozen weights are copied as they are)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.float(), 1 - self.decay)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+class _Stepper:
+    """native: torch AdamW + clip; deepspeed: deepspeed.initialize over the same module (ZeRO 0/1/2, DP on gloo/nccl)."""
+
+    def __init__(self, model, lr, weight_decay, grad_clip, lr_fn, engine="native", zero_stage=1, batch_size=1):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
+        self.engine_name, self.grad_clip, self.params = engine, grad_clip, params
+        if engine == "deepspeed":
+            ds = _import_deepspeed()
+            ds_cfg = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+                      "gradient_clipping": grad_clip, "zero_optimization": {"stage": zero_stage},
+                      "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+            self.engine, self.opt, _, self.sched = ds.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                                 config=ds_cfg)
+            self.module = self.engine.module
+        else:
+            self.engine, self.opt, self.sched, self.module = model, opt, sched, model
+
+    def step(self, loss: torch.Tensor) -> float:
+        if self.engine_name == "deepspeed":
+            self.engine.backward(loss)
+            self.engine.step()  # clips, steps the optimizer and the lr scheduler
+            return float("nan")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        return float(gn)
+
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def optimizer_state(self):
+        # ZeRO shards the Adam moments across ranks; a DeepSpeed resume restarts them (weights, EMA, step resume).
+        if self.engine_name == "deepspeed":
+            return None
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_optimizer_state(self, state) -> None:
+        if state is not None and self.engine_name != "deepspeed":
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+
+
+def _import_deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    # The shm all-reduce op JIT-compiles for ~1 min on CPU; gloo does not need it (research/cpu-megatron-deepspeed §4).
+    # Patch through sys.modules: `import deepspeed.comm.torch` would return the torch package (name shadowing).
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    return deepspeed
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def decoder_meta(dcfg, sampler: str, steps: int, extra: dict | None = None) -> dict:
+    """What `decode_tokens` needs to rebuild and run a checkpoint without the run's config."""
+    return {"decoder": asdict(dcfg), "sampler": sampler, "steps": steps, **(extra or {})}
+
+
+def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
+    """Train the flow-matching teacher; returns its checkpoint dir (<run_dir>/decoder/checkpoints)."""
+    d = cfg.decoder
+    torch.manual_seed(d.seed)
+    out = Path(cfg.run_dir) / "decoder"
+    ckpt_dir = out / "checkpoints"
+    model = build_decoder(d)
+    if d.init_from:
+        from training.decoder.release import load_weights
+
+        load_weights(model, d.init_from, d.sigvq_from)
+    stepper = _Stepper(model, d.lr, d.weight_decay, d.grad_clip, _lr_lambda(d.warmup_steps, d.train_steps, d.min_lr / d.lr),
+                       engine=d.engine, zero_stage=d.zero_stage, batch_size=d.batch_size)
+    rank, world = _rank_world()
+    module = stepper.module
+    ema = EMA(module, d.ema_decay)
+    start = 0
+    found = checkpoint.load_latest(ckpt_dir) if d.resume == "auto" else None
+    if found is not None:
+        start, state = found
+        module.load_state_dict(state["model"])
+        ema.shadow = {k: v.float() for k, v in state["ema"].items()}
+        stepper.load_optimizer_state(state.get("optimizer"))
+        if stepper.engine_name == "deepspeed":  # DeepSpeed's scheduler is not restored: fast-forward it
+            for _ in range(start):
+                stepper.sched.step()
+    if log is None and rank == 0:
+        log = jsonl_logger(out / "metrics.jsonl")
+    latent = build_latent(d)
+    gen = torch.Generator().manual_seed(d.seed * 1000 + rank + start)
+    data = batches(decoder_pairs(d, "train", rank, world), d.batch_size)
+    module.train()
+    bar = tqdm(range(start, d.train_steps), desc="train-decoder", disable=not progress or rank != 0,
+               initial=start, total=d.train_steps)
+    t0, loss_v = time.time(), float("nan")
+    for step in bar:
+        images, ids = next(data)
+        loss = flow_loss(stepper.engine, latent.encode(images), ids, d, gen)
+        gnorm = stepper.step(loss)
+        ema.update(module)
+        loss_v = float(loss)
+        if log is not None and (step + 1) % d.log_every == 0:
+            log(step + 1, {"decoder/loss": loss_v, "decoder/lr": stepper.lr(), "decoder/grad_norm": gnorm})
+        bar.set_postfix(loss=f"{loss_v:.4f}")
+        last = step + 1 == d.train_steps
+        if rank == 0 and (last or (d.save_every and (step + 1) % d.save_every == 0)):
+            checkpoint.save(ckpt_dir, step + 1, {"model": module.state_dict(), "ema": ema.shadow,
+                                                 "optimizer": stepper.optimizer_state(),
+                                                 "meta": decoder_meta(d, "euler", d.steps)}, keep_last=d.keep_last)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        print(f"train-decoder: {d.train_steps - start} steps in {time.time() - t0:.1f}s, final loss {loss_v:.4f}, "
+              f"checkpoint {ckpt_dir}")
+    return ckpt_dir
+
+
+def load_decoder(source, use_ema: bool = True) -> tuple[TokenDecoder, dict]:
+    """A TokenDecoder from a checkpoint dir (its `latest` step, or a step dir) plus the checkpoint's meta."""
+    from training.decoder.config import DecoderConfig
+
+    path = Path(source)
+    step_dir = path if (path / "meta.json").exists() else checkpoint.latest_path(path)
+    if step_dir is None:
+        raise FileNotFoundError(f"no decoder checkpoint in {source} (expected step_N/ and latest)")
+    state = checkpoint.load(step_dir)
+    meta = state["meta"]
+    model = build_decoder(DecoderConfig(**meta["decoder"]))
+    model.load_state_dict(state["ema" if use_ema and "ema" in state else "model"])
+    return model.eval(), meta
+
+
+@torch.no_grad()
+def decode_tokens(decoder, grid_ids: torch.Tensor, steps: int | None = None, cfg_scale: float | None = None,
+                  seed: int = 0, sampler: str | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """VQ id grids [B, gh, gw] -> images [B, 3, H, W] in [-1, 1].
+
+    decoder: a checkpoint dir or a TokenDecoder. A checkpoint's meta chooses the sampler (teacher: Euler ODE with
+    shift and CFG; distilled student: turbo) and the default steps; `steps`/`cfg_scale`/`sampler` override them.
+    """
+    from training.decoder.latent import build_latent, latent_shape
+    from training.decoder.samplers import euler_sample, turbo_sample
+
+    meta = {}
+    if not isinstance(decoder, torch.nn.Module):
+        decoder, meta = load_decoder(decoder)
+    d = decoder.cfg
+    sampler = sampler or meta.get("sampler", d.sampler)
+    steps = steps or meta.get("steps", d.steps)
+    cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
+    gen = torch.Generator().manual_seed(seed)
+    shape = (grid_ids.shape[0], *latent_shape(d))
+    z = noise if noise is not None else torch.randn(shape, generator=gen)
+    decoder.eval()
+    if sampler == "turbo":
+        x = turbo_sample(decoder, z, grid_ids, steps, generator=gen, cfg_scale=cfg_scale)
+    else:
+        x = euler_sample(decoder, z, grid_ids, steps, d.sample_shift, cfg_scale, d.cfg_norm_clip)
+    return build_latent(d).decode(x)
+
+
+def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
+    """Turn the teacher into a `distill.steps`-step turbo student; returns its checkpoint dir."""
+    d, dc = cfg.decoder, cfg.distill
+    torch.manual_seed(dc.seed)
+    teacher_src = dc.teacher or str(Path(cfg.run_dir) / "decoder" / "checkpoints")
+    teacher, tmeta = load_decoder(teacher_src)
+    student = copy.deepcopy(teacher).train()  # initialised from the teacher; the frozen copy is dropped below
+    teacher.requires_grad_(False)
+    if dc.method == "consistency_training":
+        teacher = None  # teacher-free: nothing but the student (and its EMA) lives at run time
+    tcfg = student.cfg
+    out = Path(cfg.run_dir) / "distill"
+    ckpt_dir = out / "checkpoints"
+    stepper = _Stepper(student, dc.lr, dc.weight_decay, dc.grad_clip, lambda s: 1.0)
+    ema = EMA(student, dc.ema_decay)
+    log = log or jsonl_logger(out / "metrics.jsonl")
+    latent = build_latent(tcfg)
+    gen = torch.Generator().manual_seed(dc.seed)
+    data = batches(decoder_pairs(tcfg, "train", 0, 1), dc.batch_size)
+    t0, loss_v = time.time(), float("nan")
+    bar = tqdm(range(dc.train_steps), desc=f"distill[{dc.method}]", disable=not progress)
+    for step in bar:
+        images, ids = next(data)
+        loss = distill_loss(student, latent.encode(images), ids, dc, teacher, gen)
+        gnorm = stepper.step(loss)
+        ema.update(student)
+        loss_v = float(loss)
+        if (step + 1) % dc.log_every == 0:
+            log(step + 1, {"distill/loss": loss_v, "distill/grad_norm": gnorm})
+        bar.set_postfix(loss=f"{loss_v:.4f}")
+        if (step + 1 == dc.train_steps) or (dc.save_every and (step + 1) % dc.save_every == 0):
+            meta = decoder_meta(tcfg, "turbo", dc.steps, {"distill": asdict(dc), "teacher": str(teacher_src)})
+            checkpoint.save(ckpt_dir, step + 1, {"model": student.state_dict(), "ema": ema.shadow, "meta": meta},
+                            keep_last=2)
+    print(f"distill[{dc.method}]: {dc.train_steps} steps in {time.time() - t0:.1f}s, final loss {loss_v:.4f}, "
+          f"{dc.steps}-step student at {ckpt_dir}")
+    return ckpt_dir
+
+
+def _tracker(cfg, section: str) -> LogFn | None:
+    """metrics.jsonl + wandb (offline by default) for the CLI; the lead swaps this for the shared tracker."""
+    out = Path(cfg.run_dir) / section
+    run = None
+    if cfg.tracking.wandb != "disabled":
+        try:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", cfg.tracking.wandb)
+            run = wandb.init(project=cfg.tracking.project, name=f"{cfg.run.name}-{section}", dir=str(out),
+                             config={"decoder": asdict(cfg.decoder), "distill": asdict(cfg.distill)}, reinit=True)
+        except Exception as e:  # tracking must never stop training
+            print(f"wandb unavailable ({e}); logging to metrics.jsonl only")
+    return jsonl_logger(out / "metrics.jsonl", run)
+
+
+def cmd_train_decoder(cfg, args: argparse.Namespace) -> int:
+    from training.config import save_config
+
+    rank, _ = _rank_world()
+    if rank == 0:
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    train_decoder(cfg, log=_tracker(cfg, "decoder") if rank == 0 else None)
+    return 0
+
+
+def cmd_distill(cfg, args: argparse.Namespace) -> int:
+    from training.config import save_config
+
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    distill(cfg, log=_tracker(cfg, "distill"))
+    return 0

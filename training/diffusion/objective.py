@@ -1,0 +1,125 @@
+"""The masked / block diffusion loss: the one objective every engine and every stage calls.
+
+Per batch (the loader's dict: input_ids, doc_ids, maskable, is_image, position_ids, all [B, L]; optional cond_span /
+cond_image_span for CFG dropout):
+  1. CFG condition dropout (if the batch marks the condition spans and the probabilities are > 0);
+  2. t per sample (or per block), mask every maskable token with probability mask_prob(t); optionally the
+     complementary mask as a second copy of the batch;
+  3. forward x_t || x_0 under the block-diffusion mask (MDLM: x_t only under the document mask);
+  4. cross-entropy on masked positions, optional ELBO weight, normalised per masked token or per maskable token
+     ("sequence": the NELBO per token, LLaDA's 1/(B L) for pre-training and 1/answer-length for SFT);
+     per-modality weights; CAP entropy term; the model's router aux loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.diffusion.conditioning import drop_condition
+from training.diffusion.masks import training_mask
+from training.diffusion.noise import (apply_mask, complementary_mask, draw_mask, elbo_weight, mask_prob, per_token_t,
+                                      sample_t, time_from_mask_prob)
+from training.diffusion.schedule import block_size_at
+
+
+def token_id(specials, name: str) -> int:
+    """A special token id from a SpecialTokens-like object (attribute) or a mapping."""
+    value = specials[name] if isinstance(specials, dict) else getattr(specials, name, None)
+    if value is None:
+        raise KeyError(f"special token '{name}' is missing from {type(specials).__name__}")
+    return int(value)
+
+
+def _apply_cfg_dropout(batch: dict, cfg, specials, generator) -> tuple[dict, dict]:
+    stats = {}
+    if cfg.cfg_drop_text > 0 and batch.get("cond_span") is not None:
+        batch, dropped = drop_condition(batch, batch["cond_span"], cfg.cfg_drop_text,
+                                        token_id(specials, "uncondition"), generator)
+        stats["cfg_dropped_text"] = dropped.any(1).float().mean()
+    if cfg.cfg_drop_image > 0 and batch.get("cond_image_span") is not None:
+        batch, dropped = drop_condition(batch, batch["cond_image_span"], cfg.cfg_drop_image, None, generator)
+        stats["cfg_dropped_image"] = dropped.any(1).float().mean()
+    return batch, stats
+
+
+def _noise(batch: dict, cfg, block_size: int, mask_id: int, generator):
+    """-> (x_t, masked [B', L], t per token [B', L], batch') with B' = 2B under complementary masking."""
+    ids, maskable = batch["input_ids"], batch["maskable"].bool()
+    bsz, length = ids.shape
+    shape = (bsz, -(-length // block_size)) if cfg.t_per_block and block_size < length else (bsz,)
+    t = per_token_t(sample_t(shape, cfg.mask_low, cfg.mask_high, cfg.mask_eps, cfg.stratified_t, ids.device,
+                             generator), length, block_size)
+    p = mask_prob(cfg.schedule, t)
+    masked = draw_mask(maskable, p, generator)
+    if cfg.complementary:
+        # The inverse mask is an exact draw at mask probability 1 - p, i.e. at the time with that mask probability.
+        t_inv = time_from_mask_prob(cfg.schedule, 1.0 - p).clamp(min=cfg.mask_eps)
+        masked = torch.cat([masked, complementary_mask(masked, maskable)])
+        t = torch.cat([t, t_inv])
+        batch = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == bsz else v
+                 for k, v in batch.items()}
+    return apply_mask(batch["input_ids"], masked, mask_id), masked, t, batch
+
+
+def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torch.Generator | None = None):
+    """One training forward. cfg: DiffusionConfig; specials: SpecialTokens-like (needs `mask`, and `uncondition`
+    when CFG text dropout is on). Returns (loss scalar tensor with grad, metrics dict of detached tensors / ints).
+
+    metrics: loss, loss_diffusion, loss_text, loss_image, cap_entropy, aux_loss, masked_frac, acc_masked,
+    n_masked, block_size."""
+    mask_id = token_id(specials, "mask")
+    length = batch["input_ids"].shape[1]
+    block_size = block_size_at(cfg.block_schedule, step, length)
+    batch, metrics = _apply_cfg_dropout(batch, cfg, specials, generator)
+    x_t, masked, t, batch = _noise(batch, cfg, block_size, mask_id, generator)
+    x0, doc, pos = batch["input_ids"], batch["doc_ids"], batch["position_ids"]
+    is_image, maskable = batch["is_image"].bool(), batch["maskable"].bool()
+
+    mdlm = block_size >= length
+    ids = x_t if mdlm else torch.cat([x_t, x0], dim=1)
+    positions = pos if mdlm else torch.cat([pos, pos], dim=1)
+    attention = getattr(getattr(model, "config", None), "attention", "auto")
+    attn_mask = training_mask(doc, block_size, attention)
+    embeds = None
+    if cfg.mask_embed_noise_std > 0 and step < cfg.mask_embed_noise_steps:
+        # LLaDA2.0: an AR-initialised mask embedding decays to ~0 and gradients explode; noise keeps it informative.
+        embeds = model.embed(ids)
+        noisy = ids == mask_id
+        embeds = embeds + cfg.mask_embed_noise_std * torch.randn(embeds.shape, device=embeds.device,
+                                                                  generator=generator).to(embeds.dtype) * noisy[..., None]
+    out = model(input_ids=None if embeds is not None else ids, position_ids=positions, attention_mask=attn_mask,
+                inputs_embeds=embeds)
+    logits = out.logits[:, :length]
+
+    # Only the masked rows of the logits enter the loss (gathering them first keeps the [N, V] softmax small).
+    sel_logits, target = logits[masked], x0[masked]
+    ce = F.cross_entropy(sel_logits.float(), target, reduction="none")
+    w = elbo_weight(cfg.schedule, t[masked]) if cfg.elbo_weight else torch.ones_like(ce)
+    img = is_image[masked]
+    lam = torch.where(img, cfg.loss_weight_image, cfg.loss_weight_text)
+    counted = masked if cfg.normalize == "token" else maskable
+    denom = counted.sum().clamp(min=1)
+    loss_diff = (lam * w * ce).sum() / denom
+    text_denom = (counted & ~is_image).sum().clamp(min=1)
+    image_denom = (counted & is_image).sum().clamp(min=1)
+    loss_text = (w * ce * ~img).sum() / text_denom
+    loss_image = (w * ce * img).sum() / image_denom
+
+    loss = loss_diff + out.aux_loss
+    cap = torch.zeros((), device=logits.device)
+    correct = sel_logits.argmax(-1) == target
+    if cfg.cap_lambda > 0:
+        # CAP: sharpen the distribution where the prediction is already right, so threshold decoding accepts more.
+        logp = F.log_softmax(sel_logits.float()[correct], dim=-1)
+        cap = -(logp.exp() * logp).sum(-1).sum() / correct.sum().clamp(min=1)
+        loss = loss + cfg.cap_lambda * cap
+    if not masked.any():  # keep the graph connected so every rank runs the same backward
+        loss = loss + 0.0 * logits.sum()
+
+    n_masked = masked.sum()
+    metrics.update(loss=loss.detach(), loss_diffusion=loss_diff.detach(), loss_text=loss_text.detach(),
+                   loss_image=loss_image.detach(), cap_entropy=cap.detach(), aux_loss=out.aux_loss.detach(),
+                   masked_frac=(n_masked / maskable.sum().clamp(min=1)).detach(),
+                   acc_masked=(correct.sum() / n_masked.clamp(min=1)).detach(), n_masked=n_masked.detach(),
+                   block_size=block_size)
+    return loss, metrics

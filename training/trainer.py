@@ -1,0 +1,209 @@
+"""The training loop: one path from batch to loss to optimizer, for every engine and world size.
+
+    engine (native | megatron | deepspeed) <- config          data loader keyed on the data-parallel rank
+    for step: block size + LR from their schedules
+        for each micro-batch: loss = diffusion_loss(model, batch)  ->  engine.backward(loss / accum)
+        engine.step(lr)  (clip, NaN/inf guard)  ->  expert-bias update  ->  metrics  ->  checkpoint / signal exit
+
+Resume (`train.resume: auto`) restores model, optimizer, step, LR schedule position, RNG, loader state and the wandb
+run id from the newest valid checkpoint. SIGTERM / SIGUSR1 (the SLURM pre-timeout signal) make every rank agree
+to save at the end of the current step and exit with code 0.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.config import Config, save_config
+
+
+def lr_at(step: int, cfg) -> float:
+    """Warmup-stable-decay: linear warmup, constant, linear decay to min_lr over the last decay_steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    decay_start = t.steps - t.decay_steps
+    if t.decay_steps > 0 and step >= decay_start:
+        frac = (step - decay_start + 1) / t.decay_steps
+        return t.lr + (t.min_lr - t.lr) * min(frac, 1.0)
+    return t.lr
+
+
+def flops_per_token(mcfg, tokens_in_context: int) -> float:
+    """Training FLOPs per processed token (6 x active matmul params + attention scores), for the MFU estimate."""
+    h, layers = mcfg.hidden_size, mcfg.num_hidden_layers
+    attn_proj = h * (mcfg.num_attention_heads + 2 * mcfg.num_key_value_heads) * mcfg.head_dim \
+        + mcfg.num_attention_heads * mcfg.head_dim * h
+    dense = 3 * h * mcfg.intermediate_size
+    moe = 3 * h * mcfg.moe_intermediate_size * (mcfg.num_experts_per_tok + mcfg.num_shared_experts) \
+        + h * mcfg.num_experts
+    k = mcfg.first_k_dense_replace
+    params = layers * attn_proj + k * dense + (layers - k) * moe + h * mcfg.vocab_size
+    attention = 2 * 2 * layers * mcfg.num_attention_heads * mcfg.head_dim * tokens_in_context
+    return 6 * params + 3 * attention
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1; checked once per step and agreed on by all ranks (max all-reduce)."""
+
+    def __init__(self):
+        self.raised = False
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised, self.signum = True, signum
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any (so all ranks save and stop at the same step)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def train(cfg: Config) -> dict:
+    from data_pipeline.loader import build_loader
+    from data_pipeline.vocab import specials_for
+    from training.checkpoint import CheckpointManager
+    from training.diffusion import diffusion_loss
+    from training.diffusion.schedule import block_size_at
+    from training.engines import build_engine
+    from training.tracking import Tracker
+
+    engine = build_engine(cfg)
+    w = engine.world
+    is_main = w.rank == 0
+    run_dir = cfg.run_dir
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    specials = specials_for(cfg)
+    torch.manual_seed(cfg.train.seed + w.rank)
+    np.random.seed(cfg.train.seed + w.rank)
+    random.seed(cfg.train.seed + w.rank)
+
+    accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * w.dp_size)
+    if accum < 1 or accum * cfg.train.micro_batch_size * w.dp_size != cfg.train.global_batch_size:
+        from training.config import ConfigError
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not allowed: must be a multiple "
+                          f"of train.micro_batch_size x data-parallel size = "
+                          f"{cfg.train.micro_batch_size} x {w.dp_size}")
+    loader = build_loader(cfg.data, seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                          dp_rank=w.dp_rank, dp_size=w.dp_size, seed=cfg.train.seed)
+    batches = iter(loader)
+
+    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last)
+    start = 0
+    resume_from = ckpts.latest_valid() if cfg.train.resume == "auto" else (
+        None if cfg.train.resume == "none" else Path(cfg.train.resume))
+    if resume_from is not None:
+        extra = engine.load(resume_from)
+        start = int(extra["step"])
+        loader.load_state_dict(extra["loader"][str(w.dp_rank)] if "loader" in extra else {})
+        batches = iter(loader)
+        if str(w.rank) in extra.get("rng", {}):
+            _set_rng_state(extra["rng"][str(w.rank)])
+        if is_main:
+            print(f"resumed from {resume_from} at step {start}", file=sys.stderr, flush=True)
+    elif cfg.train.init_from:
+        engine.load_hf(cfg.train.init_from)
+
+    tracker = Tracker(cfg, run_dir, enabled=is_main)
+    stop = _StopFlag()
+    model_cfg = engine.unwrap().config
+    nonfinite_run, skipped_total, step = 0, 0, start
+    last = {}
+    t_prev = time.perf_counter()
+    steps_this_run = 0
+    for step in range(start, cfg.train.steps):
+        block = block_size_at(step, cfg.diffusion, cfg.train.seq_len)
+        lr = lr_at(step, cfg)
+        engine.model.train()
+        sums: dict[str, float] = {}
+        tokens = 0
+        loads = None
+        for _ in range(accum):
+            batch = next(batches)
+            with engine.autocast():
+                loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials,
+                                               block_size=block)
+            engine.backward(loss / accum)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
+            tokens += batch["input_ids"].numel()
+            router = engine.unwrap().last_router
+            loads = [s.load for s in router] if loads is None else [a + s.load for a, s in zip(loads, router)]
+        result = engine.step(lr)
+        skipped = bool(result["skipped"])
+        nonfinite_run = nonfinite_run + 1 if skipped else 0
+        skipped_total += int(skipped)
+        if nonfinite_run >= cfg.train.max_consecutive_nonfinite:
+            raise FloatingPointError(
+                f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                f"stopping. Lower train.lr (now {cfg.train.lr}) or check the data; the last good checkpoint is "
+                f"{ckpts.latest_valid()}")
+
+        moe_metrics = {}
+        if router:
+            loads = [engine.all_reduce_dp(l.clone()) for l in loads]
+            if cfg.model.expert_bias_update_rate > 0 and not skipped:
+                engine.unwrap().update_expert_bias(loads, cfg.model.expert_bias_update_rate)
+            for i, load in enumerate(loads):
+                moe_metrics[f"expert_load_max_over_mean/layer{i}"] = float(load.max() / load.mean().clamp_min(1e-9))
+            moe_metrics["router_entropy"] = float(sum(s.entropy for s in router) / len(router))
+            if is_main:
+                torch.save([l.cpu() for l in loads], run_dir / "expert_load_last.pt")
+
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now
+        global_tokens = tokens * w.dp_size
+        ctx = cfg.train.seq_len * (2 if 0 < block < cfg.train.seq_len else 1)
+        achieved = flops_per_token(model_cfg, ctx) * global_tokens * (ctx / cfg.train.seq_len) / dt
+        last = {**{k: v for k, v in sums.items()}, "lr": lr, "grad_norm": result["grad_norm"], "block_size": block,
+                "tokens_per_s": global_tokens / dt, "mfu": achieved / (cfg.train.peak_flops * w.world_size),
+                "skipped": int(skipped), "skipped_total": skipped_total, **moe_metrics}
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
+            tracker.log(step, last)
+
+        steps_this_run += 1
+        done = step + 1
+        want_stop = _any_rank(stop.raised) or (0 < cfg.train.stop_after <= steps_this_run)
+        periodic = cfg.train.save_every > 0 and done % cfg.train.save_every == 0
+        if periodic or want_stop or done == cfg.train.steps:
+            extra = {"step": done, "loader": {str(w.dp_rank): loader.state_dict()},
+                     "rng": {str(w.rank): _rng_state()}, "wandb_run_id": tracker.run_id}
+            ckpts.save(engine, done, extra)
+        if want_stop:
+            if is_main:
+                why = f"signal {stop.signum}" if stop.raised else f"train.stop_after={cfg.train.stop_after}"
+                print(f"stopping at step {done} ({why}); checkpoint saved, resume with the same command",
+                      file=sys.stderr, flush=True)
+            break
+    tracker.summary({k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+    tracker.close()
+    if is_main:
+        print(f"done: step {step + 1}/{cfg.train.steps}, loss {last.get('loss', float('nan')):.4f}, "
+              f"skipped {skipped_total}, run dir {run_dir}", file=sys.stderr, flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return last
