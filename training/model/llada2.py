@@ -6,6 +6,7 @@ Module names reproduce the official weight names (`model.word_embeddings`, `mode
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -115,21 +116,24 @@ class LLaDA2MoE(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Deterministic init (normal(0, initializer_range); output projections scaled by 1/sqrt(2 * layers))."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed)
-        std = self.config.initializer_range
-        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("dense.weight", "down_proj.weight", "down_proj")):
-                p.copy_(torch.randn(p.shape, generator=gen) * out_std)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.copy_(self.init_tensor(name, p.shape, seed))
         for moe in self.moe_layers():
             moe.gate.expert_bias.zero_()
+
+    def init_tensor(self, name: str, shape, seed: int = 0) -> torch.Tensor:
+        """Initial value of the parameter `name` at its full (unsharded) `shape`. Seeded by (seed, name) alone, so
+        a sharded engine that materialises only its slice gets exactly the weights a single process would."""
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            return torch.ones(shape)
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        std = self.config.initializer_range
+        if name.endswith(("dense.weight", "down_proj.weight", "down_proj")):
+            std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        return torch.randn(shape, generator=gen) * std
 
 
 def build_model(cfg, device: str | torch.device = "cpu", seed: int = 0) -> LLaDA2MoE:
