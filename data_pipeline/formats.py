@@ -76,13 +76,13 @@ def iter_tar_samples(path: str | Path):
                     continue
                 base = m.name.rsplit("/", 1)[-1]
                 k, _, ext = base.partition(".")
-                data = tf.extractfile(m).read()
-                if len(data) != m.size:
-                    raise tarfile.ReadError(f"member {m.name} truncated ({len(data)} of {m.size} bytes)")
-                if k != key:
+                if k != key:  # switch before reading, so damage in this member is blamed on this sample
                     if key is not None:
                         yield key, members, None
                     key, members = k, {}
+                data = tf.extractfile(m).read()
+                if len(data) != m.size:
+                    raise tarfile.ReadError(f"member {m.name} truncated ({len(data)} of {m.size} bytes)")
                 members[ext] = data
     except (tarfile.TarError, EOFError, OSError) as e:
         yield (key or "<unknown>"), members, f"truncated_tar: {type(e).__name__}: {e}"

@@ -152,10 +152,19 @@ def chat_prompt(tok, specials: SpecialTokens, offset: int, system: str, text: st
 
 def build_understanding(tok, specials: SpecialTokens, offset: int, images: list[tuple], question: str,
                         answer: str, task: str = "vqa", meta: dict | None = None,
-                        system: str = SYSTEM_UNDERSTAND) -> TokenSample:
-    """Caption / VQA: prompt = images + question, answer = text + EOS (maskable)."""
+                        system: str = SYSTEM_UNDERSTAND, extra_turns: list[tuple[str, str]] = ()) -> TokenSample:
+    """Caption / VQA: prompt = images + question, answer = text + EOS (maskable). Further turns append
+    `<role>HUMAN</role>{q}<role>ASSISTANT</role>` (not maskable) and `{a}` + EOS (maskable)."""
     prompt = chat_prompt(tok, specials, offset, system, question, images)
-    return _sample(prompt, tok.encode(answer) + [specials.eos], task, offset, meta or {})
+    s = _sample(prompt, tok.encode(answer) + [specials.eos], task, offset, meta or {})
+    for q, a in extra_turns:
+        head = tok.encode(f"{ROLE_START}{ROLE_HUMAN}{ROLE_END}{q}{ROLE_START}{ROLE_ASSISTANT}{ROLE_END}")
+        ans = tok.encode(a) + [specials.eos]
+        ids = np.asarray(head + ans, dtype=np.int32)
+        s.ids = np.concatenate([s.ids, ids])
+        s.maskable = np.concatenate([s.maskable, np.arange(len(ids)) >= len(head)])
+        s.modality = np.concatenate([s.modality, (ids >= offset).astype(np.uint8)])
+    return s
 
 
 def build_t2i(tok, specials: SpecialTokens, offset: int, caption: str, grid, gh: int, gw: int,

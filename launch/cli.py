@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, object, str]] = {
                           "check an HF checkpoint and write a model preset for it (train with train.init_from=DIR)"),
     "convert hf-export": ("launch.commands:cmd_hf_export", _flags_export, "export a checkpoint to HF format"),
     "train": ("launch.commands:cmd_train", None, "train the backbone (in this process; see `launch local`)"),
+    "launch local": ("launch.local:cmd_launch_local", importlib.import_module("launch.local").add_flags,
+                     "torchrun on this machine: --nproc N ranks of `unidiff train`"),
+    "launch slurm": ("launch.slurm:cmd_launch_slurm", importlib.import_module("launch.slurm").add_flags,
+                     "render + sbatch a multi-node job (srun per rank, pre-timeout save, requeue, auto-resume)"),
 }
 
 

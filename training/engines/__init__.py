@@ -1,1 +1,33 @@
+"""Training engines: one LLaDA2MoE definition, three ways to run it in parallel.
 
+    native     torch only: DP (grad all-reduce), TP/SP, EP (all-to-all)            training/engines/native.py
+    megatron   megatron-core parallel_state, mappings, DDP + distributed optimizer  training/engines/megatron.py
+    deepspeed  deepspeed.initialize with ZeRO 0-3, EP on an expert-parallel group   training/engines/deepspeed.py
+
+All engines share the trainer contract (`Engine` in base.py) and the reshardable checkpoint format
+(shard_format.py), so a checkpoint written by any engine under any layout loads into any other.
+"""
+from __future__ import annotations
+
+from training.engines.base import Engine
+from training.engines.world import ParallelWorld
+
+
+def build_engine(cfg) -> Engine:
+    """Initialise torch.distributed from the torchrun environment if WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)
+    and build the engine named by cfg.train.engine."""
+    engine = cfg.train.engine
+    if engine == "native":
+        from training.engines.native import NativeEngine
+        return NativeEngine(cfg)
+    if engine == "megatron":
+        from training.engines.megatron import MegatronEngine
+        return MegatronEngine(cfg)
+    if engine == "deepspeed":
+        from training.engines.deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(cfg)
+    from training.config import ConfigError
+    raise ConfigError(f"train.engine={engine} is not allowed: must be native | megatron | deepspeed")
+
+
+__all__ = ["Engine", "ParallelWorld", "build_engine"]

@@ -1,0 +1,292 @@
+"""Deterministic, resumable, data-parallel-rank-aware loader over token shards.
+
+Each epoch has a plan that depends only on (seed, epoch, sources, seq_len, block_size): a per-epoch document
+order (weighted mixing of sources), packed into rows from lengths alone (`packing.plan_rows`). Global batch k is
+rows [k*B*D, (k+1)*B*D); data-parallel rank r takes its B rows from it. Every rank computes the same plan, so ranks
+are disjoint and together cover every packed row of each full global batch (the last partial global batch of an
+epoch is dropped and counted). The split is by the DATA-parallel rank you pass — tensor/expert-parallel peers of
+one replica pass the same dp_rank and get identical batches (webdataset's split_by_node would use the global rank).
+
+state_dict() = (epoch, next batch); load_state_dict() resumes exactly mid-epoch without reading skipped data.
+Batch schema: input_ids, doc_ids (0.. per row, padding -1), maskable, is_image, position_ids (restart at 0 per
+document, 0 on padding), all [B, L]; plus sample_ids [B, L] (global sample id, -1 on padding) for tracing.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data_pipeline.manifest import index_path, load_manifest, read_index
+from data_pipeline.packing import PAD_DOC, materialise_row, plan_rows
+
+TASKS = ("caption", "vqa", "t2i", "interleaved")
+
+
+class TokenSource:
+    """The token samples of one token dir + split, optionally restricted to some tasks; random access by seek."""
+
+    def __init__(self, token_dir: str | Path, split: str, tasks: tuple[str, ...] | None = None):
+        self.token_dir = Path(token_dir)
+        self.manifest = load_manifest(token_dir)
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"{token_dir}/manifest.json has no split {split!r} (has "
+                             f"{sorted(self.manifest['splits'])})")
+        self.shards: list[Path] = []
+        rows = []
+        for sh in self.manifest["splits"][split]["shards"]:
+            tar = self.token_dir / split / sh["output"]
+            idx = read_index(tar)
+            if idx is None:
+                raise FileNotFoundError(f"{index_path(tar)} is missing: rerun `unidiff pretokenize`")
+            col = {c: i for i, c in enumerate(idx["columns"])}
+            for s in idx["samples"]:
+                if tasks is None or s[col["task"]] in tasks:
+                    rows.append((len(self.shards), s[col["len"]], s[col["n_image_tokens"]],
+                                 s[col["task"]] == "interleaved", s[col["ids_off"]], s[col["ids_size"]],
+                                 s[col["mask_off"]], s[col["mask_size"]], s[col["mod_off"]], s[col["mod_size"]]))
+            self.shards.append(tar)
+        if not rows:
+            raise ValueError(f"{token_dir} split {split!r} has no samples of tasks {tasks}")
+        a = np.array(rows, dtype=np.int64)
+        self.shard, self.lengths, self.n_img = a[:, 0], a[:, 1], a[:, 2]
+        self.splittable = (a[:, 3] == 1) & (self.n_img == 0)  # text-only pretraining documents may be cut
+        self.offsets = a[:, 4:]
+        self.vocab = self.manifest["vocab"]
+        self._files: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sh = int(self.shard[i])
+        f = self._files.get(sh)
+        if f is None:  # opened lazily: each loader worker process gets its own handles
+            f = self._files[sh] = open(self.shards[sh], "rb")
+        out = []
+        for j in range(3):
+            off, size = self.offsets[i, 2 * j], self.offsets[i, 2 * j + 1]
+            f.seek(int(off))
+            out.append(np.load(io.BytesIO(f.read(int(size))), allow_pickle=False))
+        return out[0], out[1], out[2]
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_files"] = {}
+        return d
+
+
+def resolve_sources(dcfg) -> list[tuple[TokenSource, float]]:
+    """data.datasets: {name: weight}; a name is a task of data.token_dir (caption|vqa|t2i|interleaved) or the path
+    of another token dir. Empty: the whole data.token_dir, one source."""
+    if not dcfg.datasets:
+        return [(TokenSource(dcfg.token_dir, dcfg.split), 1.0)]
+    out = []
+    for name, w in dcfg.datasets.items():
+        src = TokenSource(dcfg.token_dir, dcfg.split, (name,)) if name in TASKS else TokenSource(name, dcfg.split)
+        out.append((src, float(w)))
+    return out
+
+
+def epoch_order(sizes: list[int], weights: list[float], seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, index) for every draw of an epoch (sum(sizes) draws). One source: a permutation. Several: each
+    draw picks a source by weight; a source walks its own permutation, reshuffled on each wrap."""
+    total = int(sum(sizes))
+    if len(sizes) == 1:
+        return np.zeros(total, dtype=np.int64), np.random.default_rng([seed, epoch, 0]).permutation(total)
+    p = np.asarray(weights, dtype=np.float64)
+    choice = np.random.default_rng([seed, epoch, 1 << 20]).choice(len(sizes), size=total, p=p / p.sum())
+    index = np.zeros(total, dtype=np.int64)
+    for s, n in enumerate(sizes):
+        where = np.nonzero(choice == s)[0]
+        k = np.arange(len(where))
+        cycles = int(k[-1] // n) + 1 if len(k) else 0
+        perms = np.concatenate([np.random.default_rng([seed, epoch, s, c]).permutation(n) for c in range(cycles)]) \
+            if cycles else np.zeros(0, dtype=np.int64)
+        index[where] = perms[k]
+    return choice, index
+
+
+class _EpochBatches(Dataset):
+    """Map-style view of one epoch for one rank: item k = this rank's k-th micro batch (built in a worker)."""
+
+    def __init__(self, sources, src, idx, rows, B, dp_rank, dp_size, seq_len, block_size, pad_id, offset):
+        self.sources, self.src, self.idx, self.rows = sources, src, idx, rows
+        self.B, self.dp_rank, self.dp_size = B, dp_rank, dp_size
+        self.seq_len, self.block_size, self.pad_id, self.offset = seq_len, block_size, pad_id, offset
+
+    def __len__(self) -> int:
+        return len(self.rows) // (self.B * self.dp_size)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        first = (k * self.dp_size + self.dp_rank) * self.B
+        out: dict[str, list] = {}
+        for row in self.rows[first:first + self.B]:
+            pieces, sids = [], []
+            for d, s, e in row:
+                sid, i = int(self.src[d]), int(self.idx[d])
+                ids, msk, mod = self.sources[sid].read(i)
+                pieces.append((ids[s:e], msk[s:e], mod[s:e]))
+                sids.append((sid << 40) | i)
+            r = materialise_row(pieces, self.seq_len, self.pad_id, self.block_size)
+            r["sample_ids"] = np.where(r["doc_ids"] == PAD_DOC, -1,
+                                       np.asarray(sids + [-1], dtype=np.int64)[r["doc_ids"]])
+            for key, v in r.items():
+                out.setdefault(key, []).append(v)
+        return {k: torch.from_numpy(np.stack(v)) for k, v in out.items()}
+
+
+class TokenLoader:
+    def __init__(self, dcfg, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 block_size: int | None = None):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        self.sources_w = resolve_sources(dcfg)
+        self.sources = [s for s, _ in self.sources_w]
+        vocabs = {tuple(sorted(s.vocab.items())) for s in self.sources}
+        if len(vocabs) > 1:
+            raise ValueError(f"data.datasets mixes token dirs with different vocab layouts: {vocabs}")
+        self.vocab = self.sources[0].vocab
+        from data_pipeline.layout import SpecialTokens
+        from data_pipeline.pretokenize import text_tokenizer_path
+        from data_pipeline.text_tokenizer import load_text_tokenizer
+        self.pad_id = SpecialTokens.from_tokenizer(load_text_tokenizer(text_tokenizer_path(dcfg))).pad
+        self.seq_len, self.B, self.dp_rank, self.dp_size, self.seed = seq_len, micro_batch_size, dp_rank, dp_size, seed
+        self.block_size = block_size if (block_size and dcfg.pad_to_block) else None
+        self.drop_too_long = dcfg.drop_too_long
+        self.num_workers = dcfg.num_workers
+        self.epoch, self.batch = 0, 0
+        self.stats: dict = {}
+        self._plan_cache: tuple | None = None
+
+    def plan(self, epoch: int):
+        if self._plan_cache and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        src, idx = epoch_order([len(s) for s in self.sources], [w for _, w in self.sources_w], self.seed, epoch)
+        lens, split = np.zeros(len(src), dtype=np.int64), np.zeros(len(src), dtype=bool)
+        for s, source in enumerate(self.sources):
+            m = src == s
+            lens[m], split[m] = source.lengths[idx[m]], source.splittable[idx[m]]
+        plan = plan_rows(lens, split, self.seq_len, self.block_size)
+        if plan.dropped and not self.drop_too_long:
+            raise ValueError(f"{len(plan.dropped)} documents are longer than seq_len={self.seq_len} and cannot be "
+                             f"cut (they hold an image or a prompt/answer pair): raise train.seq_len or set "
+                             f"data.drop_too_long=true")
+        ds = _EpochBatches(self.sources, src, idx, plan.rows, self.B, self.dp_rank, self.dp_size, self.seq_len,
+                           self.block_size, self.pad_id, self.vocab["image_token_offset"])
+        self.stats = {"epoch": epoch, "documents": len(src), "rows": len(plan.rows), "batches": len(ds),
+                      "dropped_too_long": len(plan.dropped), "padding_fraction":
+                      plan.padding / max(len(plan.rows) * self.seq_len, 1),
+                      "rows_dropped_tail": len(plan.rows) - len(ds) * self.B * self.dp_size}
+        self._plan_cache = (epoch, ds)
+        return ds
+
+    def __len__(self) -> int:
+        return len(self.plan(self.epoch))
+
+    def __iter__(self):
+        while True:
+            ds = self.plan(self.epoch)
+            if len(ds) == 0:
+                raise ValueError(f"epoch {self.epoch} has no full global batch: {self.stats['rows']} rows < "
+                                 f"micro_batch_size x dp_size = {self.B * self.dp_size}")
+            start = self.batch
+            dl = DataLoader(ds, batch_size=None, sampler=range(start, len(ds)), num_workers=self.num_workers)
+            for k, b in enumerate(dl, start):
+                self.batch = k + 1  # count yielded batches, not prefetched ones
+                yield b
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "dp_rank": self.dp_rank,
+                "dp_size": self.dp_size, "seq_len": self.seq_len, "micro_batch_size": self.B}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in ("seed", "dp_size", "seq_len", "micro_batch_size"):
+            if sd[k] != getattr(self, {"micro_batch_size": "B"}.get(k, k)):
+                raise ValueError(f"loader state has {k}={sd[k]} but this loader has {getattr(self, k, self.B)}; "
+                                 f"an exact resume needs the same seed, dp size, seq_len and micro batch size")
+        self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])
+
+
+class SyntheticLoader:
+    """Seeded random-but-learnable token data with the loader's batch schema (no shards needed).
+
+    Documents: text "copy" tasks (prompt of random text ids, answer = the prompt reversed + EOS) and "image" tasks
+    (prompt = one class id, answer = that class's fixed 16-token image pattern); answers are maskable. Batch k of
+    rank r is a pure function of (seed, epoch, dp_rank, k), so it resumes exactly like the token loader.
+    """
+
+    batches_per_epoch = 1000
+
+    def __init__(self, seq_len, micro_batch_size, dp_rank, dp_size, seed, vocab_size, image_token_offset,
+                 block_size=None):
+        self.seq_len, self.B, self.dp_rank, self.dp_size, self.seed = seq_len, micro_batch_size, dp_rank, dp_size, seed
+        self.V, self.offset, self.block_size = vocab_size, image_token_offset, block_size
+        self.eos = 0
+        self.epoch, self.batch = 0, 0
+
+    def _doc(self, rng: np.random.Generator):
+        text_hi = max(self.offset, 8)
+        if self.offset < self.V and rng.random() < 0.3:
+            c = int(rng.integers(1, min(16, text_hi)))
+            pat = self.offset + (np.arange(16) * 7 + c * 31) % (self.V - self.offset)
+            ids = np.concatenate([[c], pat, [self.eos]])
+            return ids, np.arange(len(ids)) >= 1, ids >= self.offset
+        n = int(rng.integers(3, 12))
+        p = rng.integers(1, text_hi, size=n)
+        ids = np.concatenate([p, p[::-1], [self.eos]])
+        return ids, np.arange(len(ids)) >= n, np.zeros(len(ids), dtype=bool)
+
+    def make_batch(self, epoch: int, k: int) -> dict[str, torch.Tensor]:
+        rows = {}
+        for b in range(self.B):
+            rng = np.random.default_rng([self.seed, epoch, self.dp_rank, k, b])
+            pieces, fill = [], 0
+            while True:
+                ids, m, img = self._doc(rng)
+                span = len(ids) if not self.block_size else -(-len(ids) // self.block_size) * self.block_size
+                if fill + span > self.seq_len:
+                    break
+                pieces.append((ids, m, img.astype(np.uint8)))
+                fill += span
+            r = materialise_row(pieces, self.seq_len, self.eos, self.block_size)
+            r["sample_ids"] = np.where(r["doc_ids"] < 0, -1, r["doc_ids"])
+            for key, v in r.items():
+                rows.setdefault(key, []).append(v)
+        return {k2: torch.from_numpy(np.stack(v)) for k2, v in rows.items()}
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        while True:
+            while self.batch < self.batches_per_epoch:
+                k = self.batch
+                self.batch += 1
+                yield self.make_batch(self.epoch, k)
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "synthetic": True}
+
+    def load_state_dict(self, sd):
+        self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])
+
+
+def build_loader(cfg_data, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 block_size: int | None = None):
+    """cfg_data: the `data` section (or the root Config: then synthetic mode takes the vocab from `model`)."""
+    root = cfg_data if hasattr(cfg_data, "data") else None
+    dcfg = root.data if root is not None else cfg_data
+    if dcfg.synthetic:
+        if root is not None:
+            V, off = root.model.vocab_size, root.model.image_token_offset
+        else:
+            V = dcfg.synthetic_vocab_size
+            off = min(2048, V)
+        return SyntheticLoader(seq_len, micro_batch_size, dp_rank, dp_size, seed, V, off, block_size)
+    return TokenLoader(dcfg, seq_len, micro_batch_size, dp_rank, dp_size, seed, block_size)

@@ -1,0 +1,245 @@
+"""`unidiff pretokenize`: raw shards -> token shards in the official layout + manifest.json.
+
+One output shard per input shard (`token_dir/<split>/<input name>.tar` + `.index.json`), processed by worker
+processes (one per GPU when GPUs exist). A shard counts as finished when its index exists with the current
+fingerprint, so a killed run restarted with the same command skips finished shards; outputs are a pure function
+of (input, tokenizers, config) and written deterministically, hence byte-identical on rerun.
+Bad raw samples are quarantined with a reason and never stop the run; per split, inputs = ok + quarantined.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_pipeline import layout
+from data_pipeline.formats import ImageLimits, Quarantine, iter_tar_samples, parse_sample, write_tar
+from data_pipeline.image_tokenizer.load import load_image_tokenizer
+from data_pipeline.image_tokenizer.preprocess import (generate_crop_size_list, resize_for_understanding,
+                                                      to_pixel_values, var_center_crop)
+from data_pipeline.manifest import build_manifest, index_path, read_index, tar_offsets, write_json_atomic
+from data_pipeline.text_tokenizer import load_text_tokenizer, vocab_layout
+
+LAYOUT_VERSION = "llada2-uni-v1"
+SHARD_FORMAT = 2  # bump when the token shard or index format changes: finished shards are then redone
+CAPTION_PROMPT = "describe this image."
+
+
+def text_tokenizer_path(dcfg) -> Path:
+    return Path(dcfg.text_tokenizer) if dcfg.text_tokenizer else Path(dcfg.raw_dir) / "tokenizer.json"
+
+
+def _npy(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    np.save(b, a, allow_pickle=False)
+    return b.getvalue()
+
+
+def _unit_hash(s: str) -> float:
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little") / 2 ** 64
+
+
+class ShardTokenizer:
+    """Per-process state: both tokenizers loaded once, the config knobs that shape the output."""
+
+    def __init__(self, dcfg, device: str = "cpu"):
+        self.dcfg = dcfg
+        self.icfg = dcfg.image_tokenizer
+        self.text = load_text_tokenizer(text_tokenizer_path(dcfg))
+        self.image = load_image_tokenizer(self.icfg.path, device)
+        self.specials = layout.SpecialTokens.from_tokenizer(self.text)
+        self.offset, self.vocab_size = vocab_layout(self.text, self.image.codebook_size)
+        self.limits = ImageLimits(dcfg.max_input_pixels, dcfg.max_aspect)
+        self.gen_sizes = generate_crop_size_list(self.icfg.gen_max_patches, self.icfg.resize_factor)
+
+    def fingerprint(self) -> dict:
+        knobs = {k: getattr(self.dcfg, k) for k in ("caption_tasks", "t2i_uncond_prob", "max_input_pixels",
+                                                     "max_aspect")}
+        knobs.update({k: getattr(self.icfg, k) for k in ("resize_factor", "min_pixels", "max_pixels",
+                                                          "gen_max_patches")})
+        h = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:16]
+        fp = {"text": self.text.fingerprint, "image": self.image.fingerprint, "layout": LAYOUT_VERSION, "format": SHARD_FORMAT,
+              "config": h}
+        fp["all"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+        return fp
+
+    def _pixels(self, img, gen: bool) -> torch.Tensor:
+        if gen:
+            img = var_center_crop(img, self.gen_sizes, scale=True)
+        else:
+            img = resize_for_understanding(img, self.icfg.resize_factor, self.icfg.min_pixels, self.icfg.max_pixels)
+        return to_pixel_values(img, self.image.mean[0], self.image.std[0])
+
+    def tokenize_shard(self, in_path: Path, out_path: Path) -> dict:
+        t0 = time.time()
+        quarantine, parsed, truncated = [], [], ""
+        n_inputs = 0
+        for key, members, err in iter_tar_samples(in_path):
+            n_inputs += 1
+            if err:
+                truncated = err
+                quarantine.append({"key": key, "reason": "truncated_tar", "detail": err})
+                continue
+            try:
+                parsed.append(parse_sample(key, members, self.limits))
+            except Quarantine as q:
+                quarantine.append({"key": key, "reason": q.reason, "detail": q.detail})
+        # Every image this shard needs, then one batched pass per grid size.
+        jobs: list[torch.Tensor] = []
+        plan = []
+        for s in parsed:
+            und = [len(jobs) + i for i in range(len(s.images))]
+            jobs += [self._pixels(im, gen=False) for im in s.images]
+            gen = None
+            if s.kind == "caption" and "t2i" in self.dcfg.caption_tasks:
+                gen = len(jobs)
+                jobs.append(self._pixels(s.images[0], gen=True))
+            plan.append((s, und, gen))
+        ids = self.image.encode_images(jobs, self.icfg.batch_size) if jobs else []
+        grid = lambda j: (ids[j].numpy(), *ids[j].shape)  # noqa: E731
+        out_samples, tok_text, tok_img, tasks = [], 0, 0, {}
+        tk, sp, off = self.text, self.specials, self.offset
+        for s, und, gen in plan:
+            meta = {"source_key": s.key, **s.meta}
+            built = []
+            if s.kind == "interleaved":
+                segs = [("text", s.texts[i]) if kind == "text" else ("image", *grid(und[i])) for kind, i in s.order]
+                built.append(layout.build_interleaved(tk, sp, off, segs, meta))
+            elif s.kind == "vqa":
+                built.append(layout.build_understanding(tk, sp, off, [grid(und[0])], s.turns[0][0], s.turns[0][1],
+                                                        "vqa", meta, extra_turns=s.turns[1:]))
+            else:
+                if "caption" in self.dcfg.caption_tasks:
+                    built.append(layout.build_understanding(tk, sp, off, [grid(und[0])], CAPTION_PROMPT,
+                                                            s.texts[0], "caption", meta))
+                if gen is not None:
+                    uncond = _unit_hash(f"uncond/{s.key}") < self.dcfg.t2i_uncond_prob
+                    built.append(layout.build_t2i(tk, sp, off, s.texts[0], *grid(gen), uncondition=uncond,
+                                                  meta={**meta, "uncondition": uncond}))
+            for b in built:
+                n_img = int(b.modality.sum())
+                tok_img += n_img
+                tok_text += len(b) - n_img
+                tasks[b.task] = tasks.get(b.task, 0) + 1
+                info = {"task": b.task, "prompt_len": b.prompt_len, "len": len(b), "meta": b.meta}
+                out_samples.append((f"{s.key}-{b.task}", {
+                    "ids.npy": _npy(b.ids.astype(np.int32)), "maskable.npy": _npy(b.maskable),
+                    "modality.npy": _npy(b.modality), "json": json.dumps(info, sort_keys=True).encode()}))
+        write_tar(out_path, out_samples)
+        offsets = tar_offsets(out_path)
+        samples = []
+        for key, m in out_samples:
+            info = json.loads(m["json"])
+            o = offsets[key]
+            n_img = int(np.load(io.BytesIO(m["modality.npy"])).sum())
+            samples.append([key, info["len"], info["task"], n_img, *o["ids.npy"], *o["maskable.npy"], *o["modality.npy"],
+                            *o["json"]])
+        stats = {"inputs": n_inputs, "ok": len(parsed), "quarantined": len(quarantine),
+                 "token_samples": len(out_samples), "text_tokens": tok_text, "image_tokens": tok_img,
+                 "images": len(jobs), "tasks": tasks}
+        index = {"input": in_path.name, "input_bytes": in_path.stat().st_size, "fingerprint": self.fingerprint(),
+                 "stats": stats, "quarantine": quarantine, "truncated": truncated,
+                 "columns": ["key", "len", "task", "n_image_tokens", "ids_off", "ids_size", "mask_off", "mask_size", "mod_off",
+                             "mod_size", "json_off", "json_size"], "samples": samples}
+        write_json_atomic(index_path(out_path), index)  # last: its presence marks the shard finished
+        return {**stats, "seconds": time.time() - t0}
+
+
+# ---------------------------------------------------------------------------------------------- orchestration
+
+_WORKER: ShardTokenizer | None = None
+
+
+def _init_worker(dcfg_dict: dict, threads: int, device_queue) -> None:
+    global _WORKER
+    from data_pipeline.config import DataConfig, ImageTokenizerConfig, SampleConfig
+    d = dict(dcfg_dict)
+    d["image_tokenizer"] = ImageTokenizerConfig(**d["image_tokenizer"])
+    d["sample"] = SampleConfig(**d["sample"])
+    torch.set_num_threads(threads)
+    device = device_queue.get() if device_queue is not None else "cpu"
+    _WORKER = ShardTokenizer(DataConfig(**d), device)
+
+
+def _run(job: tuple[str, str]) -> dict:
+    return _WORKER.tokenize_shard(Path(job[0]), Path(job[1]))
+
+
+def pretokenize(dcfg, workers: int | None = None, progress: bool = True) -> dict:
+    raw, out = Path(dcfg.raw_dir), Path(dcfg.token_dir)
+    probe = ShardTokenizer(dcfg)  # fails fast on missing tokenizers, before any worker starts
+    fp = probe.fingerprint()
+    jobs, skipped = [], 0
+    for split in ("train", "val"):
+        ins = sorted((raw / split).glob("*.tar"))
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for p in ins:
+            o = out / split / p.name
+            idx = read_index(o)
+            if idx and idx["fingerprint"] == fp and idx["input_bytes"] == p.stat().st_size and o.exists():
+                skipped += 1
+                continue
+            jobs.append((str(p), str(o)))
+    if not jobs and not skipped:
+        raise FileNotFoundError(f"no raw shards under {raw}/train or {raw}/val: run `unidiff data make-sample` "
+                                f"or set data.raw_dir")
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if workers is None:
+        workers = dcfg.pretokenize_workers or (n_gpu or min(os.cpu_count() or 1, max(len(jobs), 1)))
+    workers = max(1, min(workers, max(len(jobs), 1)))
+    threads = max(1, (os.cpu_count() or 1) // workers) if "OMP_NUM_THREADS" not in os.environ else \
+        int(os.environ["OMP_NUM_THREADS"])
+    t0, imgs, toks = time.time(), 0, 0
+    bar = tqdm(total=len(jobs), desc="pretokenize", unit="shard", disable=not progress)
+    if workers == 1 and not n_gpu:
+        torch.set_num_threads(threads)
+        results = map(probe.tokenize_shard, *zip(*[(Path(a), Path(b)) for a, b in jobs])) if jobs else []
+        pool = None
+    else:
+        ctx = mp.get_context("spawn" if n_gpu else "fork")
+        dq = None
+        if n_gpu:
+            dq = ctx.Manager().Queue()
+            for i in range(workers):
+                dq.put(f"cuda:{i % n_gpu}")
+        pool = ctx.Pool(workers, _init_worker, (asdict(dcfg), threads, dq))
+        results = pool.imap_unordered(_run, jobs)
+    try:
+        for r in results:
+            imgs += r["images"]
+            toks += r["text_tokens"] + r["image_tokens"]
+            dt = max(time.time() - t0, 1e-9)
+            bar.set_postfix(img_s=f"{imgs / dt:.0f}", tok_s=f"{toks / dt:.0f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    vocab = {"image_token_offset": probe.offset, "vocab_size": probe.vocab_size,
+             "codebook_size": probe.image.codebook_size, "text_vocab_size": probe.text.vocab_size}
+    manifest = build_manifest(out, fp, vocab)
+    dt = time.time() - t0
+    sp = manifest["splits"]
+    summary = ", ".join(f"{s}: {v['inputs']} in = {v['ok']} ok + {v['quarantined']} quarantined -> "
+                        f"{v['token_samples']} samples" for s, v in sp.items())
+    print(f"pretokenize: {len(jobs)} shards done, {skipped} skipped (finished); {summary}; {imgs / max(dt, 1e-9):.0f} "
+          f"images/s, {toks / max(dt, 1e-9):.0f} tokens/s over {dt:.1f}s -> {out}/manifest.json")
+    return {"manifest": manifest, "shards_done": len(jobs), "shards_skipped": skipped, "images": imgs,
+            "tokens": toks, "seconds": dt}
+
+
+def cmd_pretokenize(cfg, args: argparse.Namespace) -> int:
+    """`unidiff pretokenize CONFIG`: optional args.workers (default data.pretokenize_workers)."""
+    pretokenize(cfg.data, getattr(args, "workers", None))
+    return 0

@@ -1,0 +1,88 @@
+"""`choice`: multiple choice by conditional ELBO, as the LLaDA likelihood evaluations do: each candidate answer is
+scored by the Monte Carlo NELBO of its tokens given the prompt (LLaDA's l-estimator: mask exactly l of the n answer
+tokens, weight n/l, stratified l), and the lowest bound wins. Candidates of one question share their random draws
+(common random numbers), so their difference is not swamped by Monte Carlo noise. A tie between k candidates gives
+1/k credit when the right one is among them, so a model that cannot tell them apart scores exactly chance.
+
+Baseline: chance = mean over questions of 1 / #candidates (per question type in the table).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from evals.context import EvalContext, TaskResult, missing
+from evals.likelihood import LikelihoodItem, nelbo_draws
+from evals.tasks.elbo import elbo_block_size
+
+
+def candidate_items(prompt: list[int], candidates: list[list[int]], key: int) -> list[LikelihoodItem]:
+    out = []
+    for cand in candidates:
+        ids = torch.as_tensor(list(prompt) + list(cand), dtype=torch.long)
+        maskable = torch.zeros(ids.shape[0], dtype=torch.bool)
+        maskable[len(prompt):] = True
+        out.append(LikelihoodItem(ids, maskable, torch.zeros_like(maskable), key))
+    return out
+
+
+def score_candidates(ctx: EvalContext, prompt, candidates, key: int, mc: int | None = None) -> torch.Tensor:
+    """NELBO (nats) of each candidate given the prompt, [K] float64 (normalised per token if choice_normalize=mean)."""
+    e = ctx.ecfg
+    items = candidate_items(prompt, candidates, key)
+    draws = nelbo_draws(ctx.model, items, mc=mc or e.choice_mc, estimator="l", sampling=e.elbo_sampling,
+                        eps=e.elbo_eps, block_size=elbo_block_size(ctx), mask_id=ctx.specials.mask,
+                        batch_size=e.batch_size, seed=e.seed, device=ctx.device, salt="choice")
+    nelbo = draws.sum(-1).mean(1)
+    if e.choice_normalize == "mean":
+        nelbo = nelbo / torch.tensor([max(len(c), 1) for c in candidates], dtype=torch.float64)
+    return nelbo
+
+
+def credit(nelbo: torch.Tensor, answer: int, rtol: float = 1e-9) -> float:
+    """1/k if the answer is among the k candidates tied for the lowest NELBO, else 0."""
+    best = float(nelbo.min())
+    tied = (nelbo - best).abs() <= rtol * max(abs(best), 1.0)
+    return float(tied[answer]) / float(tied.sum())
+
+
+class ChoiceTask:
+    name = "choice"
+    distributed = True
+
+    def run(self, ctx: EvalContext) -> TaskResult:
+        why = missing(ctx, "model", "specials", "data")
+        if why:
+            return TaskResult.skipped(self.name, why)
+        items = ctx.data.choice[:ctx.ecfg.num_samples]
+        if not items:
+            return TaskResult.skipped(self.name, "no held-out multiple-choice items")
+        from tqdm import tqdm
+
+        t0 = time.time()
+        qtypes = sorted({it.qtype for it in items})
+        # Per question type: [credit, count, chance]; additive, so ranks can all-reduce them.
+        acc = torch.zeros(len(qtypes), 3, dtype=torch.float64)
+        samples = []
+        mine = [(i, it) for i, it in enumerate(items) if i % ctx.world == ctx.rank]
+        for i, it in tqdm(mine, desc="choice", disable=not (ctx.ecfg.progress and ctx.is_main), leave=False):
+            nelbo = score_candidates(ctx, it.prompt, it.candidates, it.key)
+            q = qtypes.index(it.qtype)
+            acc[q] += torch.tensor([credit(nelbo, it.answer), 1.0, 1.0 / len(it.candidates)], dtype=torch.float64)
+            if len(samples) < 8 and it.labels:
+                samples.append({"qtype": it.qtype, "answer": it.labels[it.answer],
+                                "chosen": it.labels[int(nelbo.argmin())],
+                                "nelbo": [round(float(x), 4) for x in nelbo]})
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+        total = acc.sum(0)
+        res = TaskResult(self.name, scores={"accuracy": float(total[0] / total[1]), "items": float(total[1])},
+                         baselines={"accuracy": float(total[2] / total[1])}, samples=samples,
+                         seconds=time.time() - t0)
+        res.tables["per_type"] = [{"type": q, "accuracy": round(float(a[0] / a[1]), 4),
+                                   "chance": round(float(a[2] / a[1]), 4), "n": int(a[1])}
+                                  for q, a in zip(qtypes, acc) if a[1] > 0]
+        return res

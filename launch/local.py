@@ -1,0 +1,60 @@
+"""`unidiff launch local CONFIG --nproc N [overrides]`: torchrun on this machine, N ranks of `unidiff train`.
+
+torchrun (`--standalone`: a private rendezvous on a free localhost port, so parallel launches never clash) sets
+RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each rank; the engine picks nccl on GPUs and gloo on
+CPU. Ctrl-C / SIGTERM reach torchrun, which forwards them to the ranks (the trainer saves and exits).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+from launch.layout import check_world
+from training.config import ConfigError
+
+
+def add_flags(p) -> None:
+    p.add_argument("--nproc", type=int, help="ranks on this machine (default launch.nproc; 0 = one per GPU, or 1)")
+    p.add_argument("--command", default="train", help="unidiff command each rank runs (default train)")
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun command, run nothing")
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def torchrun_argv(nproc: int, command: str, words: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
+            "-m", "launch.cli", *command.split(), *words]
+
+
+def rank_env(cfg, nproc: int) -> dict[str, str]:
+    """This environment + launch.env; CPU threads split between the ranks unless OMP_NUM_THREADS is set."""
+    env = {**os.environ, **{k: str(v) for k, v in cfg.launch.env.items()}}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def cmd_launch_local(cfg, args) -> int:
+    from launch.cli import COMMANDS
+
+    command = getattr(args, "command", None) or "train"
+    if command not in COMMANDS:
+        raise ConfigError(f"--command {command} is not a unidiff command; allowed: {', '.join(sorted(COMMANDS))}")
+    nproc = args.nproc if getattr(args, "nproc", None) is not None else cfg.launch.nproc
+    if nproc < 0:
+        raise ConfigError(f"--nproc {nproc} is not allowed: must be >= 0 (0 = one per GPU, or 1)")
+    nproc = nproc or _visible_gpus() or 1
+    check_world(cfg, 1, nproc)
+    # The same words the user gave (config + overrides): ranks resolve the config exactly as this process did.
+    words = [w for w in args.words if w.endswith((".yaml", ".yml")) or ("=" in w and not w.startswith("-"))]
+    argv = torchrun_argv(nproc, command, words)
+    print(f"launch local: {' '.join(shlex.quote(a) for a in argv)}", file=sys.stderr, flush=True)
+    if getattr(args, "dry_run", False):
+        return 0
+    return subprocess.run(argv, env=rank_env(cfg, nproc)).returncode

@@ -1,0 +1,66 @@
+"""`unidiff generate` end to end on files written here: sample tokenizer, random image tokenizer, a tiny model
+exported in HF format; understanding, text-to-image and editing run from the checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage
+import torch
+
+from training.config import load_config
+from training.diffusion.generate import cmd_generate
+from training.model import build_model
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from data_pipeline.image_tokenizer.load import build_image_tokenizer, save_image_tokenizer
+    from data_pipeline.text_tokenizer import build_sample_tokenizer
+    from training.hf_format import export_hf
+
+    root = tmp_path_factory.mktemp("gen")
+    texts = ["a red circle above a blue square", "what is in the image?", "make the sky green"] * 20
+    build_sample_tokenizer(texts, root / "tokenizer.json", vocab_size=2048)
+    cfg = load_config("configs/model/tiny.yaml", [f"data.text_tokenizer={root / 'tokenizer.json'}",
+                                                  f"data.image_tokenizer.path={root / 'itok'}",
+                                                  f"run.dir={root / 'runs'}", "diffusion.sample_gen_length=24",
+                                                  "diffusion.sample_block_length=8", "diffusion.sample_steps=4",
+                                                  "diffusion.sample_image_steps=2"])
+    save_image_tokenizer(build_image_tokenizer(cfg.data.image_tokenizer), root / "itok")
+    model = build_model(cfg.model, seed=0)
+    export_hf(model.state_dict(), cfg.model, root / "hf")
+    return cfg, root
+
+
+def _args(root, **kw):
+    base = dict(task="t2i", prompt="a red circle", image="", grid="3x4", checkpoint=str(root / "hf"),
+                out=str(root / "out"), samples=2, seed=0, device="cpu")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_generate_text_to_image_and_editing(files):
+    cfg, root = files
+    assert cmd_generate(cfg, _args(root)) == 0
+    codes = np.load(root / "out" / "codes.npy")
+    assert codes.shape == (2, 3, 4) and codes.min() >= 0 and codes.max() < 256
+    photo = str(Path(skimage.__file__).parent / "data" / "astronaut.png")
+    assert cmd_generate(cfg, _args(root, task="edit", image=photo, prompt="make the sky green", samples=1,
+                                   out=str(root / "edit"))) == 0
+    edited = json.loads((root / "edit" / "codes.json").read_text())
+    assert np.asarray(edited["codes"]).shape[0] == 1 and edited["nfe"] > 0
+
+
+def test_generate_understanding(files, capsys):
+    cfg, root = files
+    photo = str(Path(skimage.__file__).parent / "data" / "astronaut.png")
+    assert cmd_generate(cfg, _args(root, task="understand", image=photo, prompt="what is in the image?",
+                                   out=str(root / "und"))) == 0
+    ans = json.loads((root / "und" / "answer.json").read_text())
+    assert ans["tokens"] <= 24 and ans["nfe"] >= 1 and "generate understand" in capsys.readouterr().out

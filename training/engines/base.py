@@ -1,0 +1,192 @@
+"""What every engine shares: the trainer-facing contract, checkpoints in the reshardable format, full state dict.
+
+An engine subclass builds `self.model` (possibly wrapped), `self.specs` (a `ShardSpec` per parameter and buffer of
+the unwrapped model) and an optimizer, and implements backward/step plus three small hooks that expose the AdamW
+moments in model space (`_get_optim_state`, `_set_optim_state`, `_optim_step`). Everything else lives here once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.engines.shard_format import ShardReader, write_meta, write_rank_shards
+from training.engines.sharding import ShardSpec
+from training.engines.world import ParallelWorld
+
+log = logging.getLogger(__name__)
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    """No weight decay on norms, biases (1-D tensors) — expert_bias is a buffer and never reaches the optimizer."""
+    return p.ndim < 2 or name.endswith(".bias")
+
+
+class Engine:
+    name = "base"
+    world: ParallelWorld
+    model: torch.nn.Module
+    specs: dict[str, ShardSpec]
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ---- trainer contract -----------------------------------------------------------------------------------
+    def unwrap(self):
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self, lr: float) -> dict:
+        raise NotImplementedError
+
+    def autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def all_reduce_dp(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        t = t.detach().clone()
+        if self.world.dp_size > 1:
+            ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+            if op == "mean":
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.world.dp_group)
+                t /= self.world.dp_size
+            else:
+                if op not in ops:
+                    raise ValueError(f"all_reduce_dp op={op!r}: must be sum | mean | max | min")
+                dist.all_reduce(t, op=ops[op], group=self.world.dp_group)
+        return t
+
+    def global_batch_accum(self) -> int:
+        """Micro-batches per optimizer step on each rank (global batch / (micro batch x DP))."""
+        t = self.cfg.train
+        per_step = t.micro_batch_size * self.world.dp_size
+        if t.global_batch_size % per_step:
+            from training.config import ConfigError
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not allowed: must be a multiple of "
+                              f"train.micro_batch_size x data-parallel size = {per_step}")
+        return t.global_batch_size // per_step
+
+    # ---- optimizer state in model space (engine specific) ----------------------------------------------------
+    def _get_optim_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{param name: {"exp_avg": local-shaped, "exp_avg_sq": local-shaped}} (collective for sharded optimizers)."""
+        raise NotImplementedError
+
+    def _set_optim_state(self, states: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        raise NotImplementedError
+
+    def _optim_step(self) -> int:
+        raise NotImplementedError
+
+    def _after_load_params(self) -> None:
+        """Refresh engine-side copies (master weights) after params were overwritten in place."""
+
+    def layout(self) -> dict:
+        w = self.world
+        return {"engine": self.name, "world_size": w.world_size, "tensor": w.tp_size, "expert": w.ep_size,
+                "data": w.dp_size, "sequence_parallel": w.sequence_parallel}
+
+    def _local_tensors(self) -> dict[str, torch.Tensor]:
+        m = self.unwrap()
+        out = {n: p for n, p in m.named_parameters()}
+        out.update({n: b for n, b in m.named_buffers()})
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def save(self, ckpt_dir: Path, extra: dict) -> None:
+        """Collective. Each rank writes the pieces it owns (params, buffers, AdamW moments) + its extra state."""
+        t0 = time.time()
+        ckpt_dir = Path(ckpt_dir)
+        w = self.world
+        optim = self._get_optim_state()  # collective: every rank calls it
+        entries = []
+        for name, t in self._local_tensors().items():
+            spec = self.specs[name]
+            if not spec.owner:
+                continue
+            for local, offsets, sizes in spec.boxes():
+                entries.append((name, spec.global_shape, offsets, sizes, t[local]))
+                for k in MOMENTS:
+                    if name in optim and k in optim[name]:
+                        entries.append((f"optim.{k}/{name}", spec.global_shape, offsets, sizes, optim[name][k][local]))
+        write_rank_shards(ckpt_dir, w.rank, entries)
+        (ckpt_dir / "extra").mkdir(parents=True, exist_ok=True)
+        torch.save(extra, ckpt_dir / "extra" / f"rank{w.rank:05d}.pt")
+        step = self._optim_step()
+        if w.is_main:
+            write_meta(ckpt_dir, {"layout": self.layout(), "optimizer": {"step": step},
+                                  "model_config": _plain(self.unwrap().config)})
+        w.barrier()
+        if w.is_main:
+            log.info("saved %s checkpoint (%s) to %s in %.1fs", self.name, w.describe(), ckpt_dir, time.time() - t0)
+
+    @torch.no_grad()
+    def load(self, ckpt_dir: Path) -> dict:
+        """Collective. Loads model, buffers and optimizer moments from a checkpoint of any layout/engine; returns
+        this rank's extra state (rank 0's when the saving run had fewer ranks)."""
+        ckpt_dir = Path(ckpt_dir)
+        reader = ShardReader(ckpt_dir)
+        for name, t in self._local_tensors().items():
+            t.copy_(reader.read_local(name, self.specs[name], dtype=t.dtype))
+        self._after_load_params()
+        states = {}
+        have_optim = all(reader.has(f"optim.{k}/{n}") for n, _ in self.unwrap().named_parameters() for k in MOMENTS)
+        if have_optim:
+            for n, p in self.unwrap().named_parameters():
+                states[n] = {k: reader.read_local(f"optim.{k}/{n}", self.specs[n], dtype=torch.float32)
+                             for k in MOMENTS}
+        elif self.world.is_main:
+            log.warning("checkpoint %s has no optimizer state: starting the optimizer fresh", ckpt_dir)
+        self._set_optim_state(states, int(reader.meta.get("optimizer", {}).get("step", 0)) if have_optim else 0)
+        extra_path = ckpt_dir / "extra" / f"rank{self.world.rank:05d}.pt"
+        if not extra_path.exists():
+            extra_path = ckpt_dir / "extra" / "rank00000.pt"
+        extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else {}
+        self.world.barrier()
+        saved = reader.meta.get("layout", {})
+        if self.world.is_main:
+            log.info("loaded checkpoint %s (saved by %s tp=%s ep=%s world=%s) into %s %s", ckpt_dir,
+                     saved.get("engine"), saved.get("tensor"), saved.get("expert"), saved.get("world_size"),
+                     self.name, self.world.describe())
+        return extra
+
+    @torch.no_grad()
+    def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
+        """Set the weights from an unsharded state dict in the model's own names (e.g. an HF import)."""
+        from training.engines.sharding import load_full
+        load_full(self.unwrap(), self.specs, full, strict=False)
+        self._after_load_params()
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective. Unsharded weights (and buffers) in the model's own names on rank 0, None elsewhere.
+        One full tensor at a time is assembled (reduce of owner-filled zeros), so peak memory is one tensor."""
+        w = self.world
+        out = {} if w.is_main else None
+        for name, t in sorted(self._local_tensors().items()):
+            spec = self.specs[name]
+            if w.world_size == 1:
+                out[name] = t.detach().clone()
+                continue
+            full = torch.zeros(spec.global_shape, dtype=torch.float32, device=t.device)
+            if spec.owner:
+                for local, offsets, sizes in spec.boxes():
+                    full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = t[local].float()
+            dist.reduce(full, dst=0)
+            if w.is_main:
+                out[name] = full.to(t.dtype).cpu()
+        return out
+
+
+def _plain(cfg) -> dict:
+    import dataclasses
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)

@@ -1,0 +1,213 @@
+"""The megatron-core engine: the project's LLaDA2MoE with megatron-core parallel groups, tensor-parallel mappings,
+DistributedDataParallel (contiguous grad buffers) and the distributed optimizer (ZeRO-1 style AdamW, fp32 master).
+
+Why not a megatron GPTModel: LLaDA2's router (sigmoid, expert bias, group-limited top-k, routed scaling), QK-norm,
+partial RoPE and fused [q|k|v] weight would all have to be re-expressed through TransformerConfig knobs and specs —
+a second model definition whose numerics must then be kept equal to ours. Instead megatron supplies what it is
+best at (process groups with MoE parallel folding, TP region mappings, bucketed DP grad reduction, the sharded
+optimizer and its grad-norm/clipping over the right groups) and the model stays the one definition.
+
+Layout: parallel_state.initialize_model_parallel(tp, ep, etp=1, pp=1). Expert params carry `allreduce=False`, so
+megatron DDP reduces them over the expert-data-parallel group with scale 1/DP and puts them in the expert optimizer;
+TP shards carry `tensor_model_parallel`, so the grad norm counts them on every TP rank and replicated params once.
+Params whose grads are partial over TP (router, shared expert, q/k norms, norms under SP) are summed over TP after
+DDP's reduction (what finalize_model_grads does for megatron's own sequence-parallel norms).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from training.engines import megatron_cpu_compat as compat
+from training.engines.base import Engine, MOMENTS
+from training.engines.native import build_sharded_model
+from training.engines.world import ParallelWorld, init_distributed
+
+
+class MegatronTPComm:
+    """The tensor_parallel.TorchTPComm contract on top of megatron-core's mappings (which work on dim 0)."""
+
+    def __init__(self, group):
+        from megatron.core.tensor_parallel import mappings
+        self.m, self.group = mappings, group
+
+    def copy_to(self, x):
+        return self.m.copy_to_tensor_model_parallel_region(x, group=self.group)
+
+    def reduce_from(self, x):
+        return self.m.reduce_from_tensor_model_parallel_region(x, group=self.group)
+
+    def scatter(self, x, dim):
+        return self.m.scatter_to_sequence_parallel_region(x.movedim(dim, 0).contiguous(),
+                                                          group=self.group).movedim(0, dim)
+
+    def gather(self, x, dim, grad_is_partial=False):
+        return self.m.gather_from_sequence_parallel_region(x.movedim(dim, 0).contiguous(),
+                                                           tensor_parallel_output_grad=grad_is_partial,
+                                                           group=self.group).movedim(0, dim)
+
+    def reduce_scatter(self, x, dim):
+        return self.m.reduce_scatter_to_sequence_parallel_region(x.movedim(dim, 0).contiguous(),
+                                                                 group=self.group).movedim(0, dim)
+
+
+def _megatron_world(cfg) -> ParallelWorld:
+    par = cfg.parallel
+    rank, world, device, backend = init_distributed()
+    if world == 1 and not dist.is_initialized():
+        # megatron-core always needs a process group, also for one process.
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(), rank=0,
+                                world_size=1)
+        backend = dist.get_backend()
+    from megatron.core import parallel_state as ps
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=1,
+                                     expert_model_parallel_size=par.expert, expert_tensor_parallel_size=1)
+    return ParallelWorld(
+        rank=rank, world_size=world, device=device, backend=backend,
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ps.get_expert_model_parallel_world_size(),
+        edp_rank=ps.get_expert_data_parallel_rank(), edp_size=ps.get_expert_data_parallel_world_size(),
+        sequence_parallel=par.sequence_parallel and par.tensor > 1,
+        dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group(),
+        ep_group=ps.get_expert_model_parallel_group(), edp_group=ps.get_expert_data_parallel_group())
+
+
+class MegatronEngine(Engine):
+    name = "megatron"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        par = cfg.parallel
+        from training.config import ConfigError
+        for key in ("expert_tensor", "pipeline"):
+            if getattr(par, key) != 1:
+                raise ConfigError(f"parallel.{key}={getattr(par, key)} is not allowed with train.engine=megatron: "
+                                  "must be 1 (not implemented for the LLaDA2 model yet)")
+        compat.check_version()
+        if not torch.cuda.is_available():
+            compat.apply()
+        self.world = _megatron_world(cfg)
+        model, self.specs = build_sharded_model(cfg, self.world, MegatronTPComm(self.world.tp_group))
+        self._module = model
+
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer import TransformerConfig
+        m = cfg.model
+        tcfg = TransformerConfig(num_layers=m.num_hidden_layers, hidden_size=m.hidden_size,
+                                 num_attention_heads=m.num_attention_heads,
+                                 tensor_model_parallel_size=par.tensor, expert_model_parallel_size=par.expert,
+                                 sequence_parallel=self.world.sequence_parallel, use_cpu_initialization=True,
+                                 num_moe_experts=m.num_experts, moe_router_topk=m.num_experts_per_tok,
+                                 expert_tensor_parallel_size=1, add_bias_linear=m.use_bias,
+                                 params_dtype=torch.float32)
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=True, check_for_nan_in_grad=False)
+        self.opt_cfg = OptimizerConfig(optimizer="adam", lr=cfg.train.lr, min_lr=cfg.train.min_lr,
+                                       weight_decay=cfg.train.weight_decay, adam_beta1=cfg.train.betas[0],
+                                       adam_beta2=cfg.train.betas[1], adam_eps=1e-8, clip_grad=cfg.train.grad_clip,
+                                       use_distributed_optimizer=True, bf16=False, fp16=False)
+        with compat.cpu_device_mode():
+            self.model = DistributedDataParallel(tcfg, ddp_cfg, model)
+            self.optimizer = get_megatron_optimizer(self.opt_cfg, [self.model])
+        self._tp_partial = [p for n, p in model.named_parameters() if self.specs[n].tp_partial]
+
+    def unwrap(self):
+        return self._module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # megatron DDP hooks accumulate into the fp32 main_grad buffers
+
+    @torch.no_grad()
+    def _finalize_grads(self) -> None:
+        with compat.cpu_device_mode():
+            self.model.finish_grad_sync()
+        if self.world.tp_size > 1 and self._tp_partial:
+            grads = [p.main_grad for p in self._tp_partial]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.world.tp_group)
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+
+    @torch.no_grad()
+    def step(self, lr: float) -> dict:
+        self._finalize_grads()
+        wd = self.cfg.train.weight_decay
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+            g["weight_decay"] = wd * g.get("wd_mult", 1.0)  # megatron's param scheduler normally sets this
+        with compat.cpu_device_mode():
+            self.optimizer.prepare_grads()
+            norm = float(self.optimizer.get_grad_norm())
+            skipped = not math.isfinite(norm)
+            if not skipped:
+                for opt in self.optimizer.chained_optimizers:
+                    params = opt.get_parameters()
+                    if params and self.cfg.train.grad_clip > 0:
+                        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+                        clip_grad_by_total_norm_fp32(params, self.cfg.train.grad_clip, norm)
+                self.optimizer.step_with_ready_grads()
+            self.optimizer.zero_grad()
+            self.model.zero_grad_buffer()
+        return {"grad_norm": norm, "skipped": skipped}
+
+    # ---- optimizer state in model space: gather each param's DP-sharded range (distributed optimizer) --------
+    def _owning(self, param):
+        for opt in self.optimizer.chained_optimizers:
+            if param in opt.model_param_gbuf_map:
+                return opt
+        raise KeyError("parameter not handled by any megatron optimizer")
+
+    def _get_optim_state(self):
+        out = {}
+        for n, p in self._module.named_parameters():
+            opt = self._owning(p)
+            rng = opt._get_model_param_range_map(p)["param"]
+            full = {k: torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for k in MOMENTS}
+            if rng.size > 0:
+                st = opt._get_main_param_and_optimizer_states(p)
+                for k in MOMENTS:
+                    if k in st:
+                        full[k][rng.start:rng.end] = st[k].reshape(-1)
+            for k in MOMENTS:
+                if opt.data_parallel_group.size() > 1:
+                    dist.all_reduce(full[k], group=opt.data_parallel_group)
+            out[n] = {k: full[k].view_as(p) for k in MOMENTS}
+        return out
+
+    def _set_optim_state(self, states, step: int) -> None:
+        if not states:
+            return
+        with compat.cpu_device_mode():
+            for opt in self.optimizer.chained_optimizers:
+                if not opt.optimizer.state:
+                    opt._init_optimizer_states_with_dummy_values()
+        for n, p in self._module.named_parameters():
+            opt = self._owning(p)
+            rng = opt._get_model_param_range_map(p)["param"]
+            if rng.size == 0:
+                continue
+            st = opt._get_main_param_and_optimizer_states(p)
+            new = {"param": p.detach().reshape(-1)[rng.start:rng.end]}
+            for k in MOMENTS:
+                new[k] = states[n][k].reshape(-1)[rng.start:rng.end]
+            if "step" in st:
+                new["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+            opt._set_main_param_and_optimizer_states(p, new)
+
+    def _optim_step(self) -> int:
+        for opt in self.optimizer.chained_optimizers:
+            for st in opt.optimizer.state.values():
+                if "step" in st:
+                    return int(st["step"])
+        return 0
+
+    def _after_load_params(self) -> None:
+        with compat.cpu_device_mode():
+            self.optimizer.reload_model_params()

@@ -1,0 +1,149 @@
+"""The torch-only engine: single process, data parallel (grad all-reduce), tensor/sequence parallel and expert
+parallel (all-to-all) over torch process groups; torch AdamW with fp32 master weights (the params themselves).
+
+Gradient reduction after backward, per parameter kind (derivation in docs/engines.md):
+    tp_partial (router, shared expert, q/k norms; norms with SP)   sum over the TP group
+    dense and TP shards                                            mean over the DP group
+    routed experts (one owner per EP group)                        sum over the expert-DP group, / DP size
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from training.engines.base import Engine, MOMENTS, no_decay
+from training.engines.expert_parallel import shard_experts
+from training.engines.sharding import assign_owners, default_specs, init_local, mark_params
+from training.engines.tensor_parallel import TorchTPComm, apply_tensor_parallel
+from training.engines.world import ParallelWorld, build_world
+from training.model import build_model
+
+
+def build_sharded_model(cfg, world: ParallelWorld, tp_comm=None):
+    """Meta-build the one LLaDA2MoE, shard it for `world` (TP, EP), materialise only the local shards and initialise
+    them to exactly the single-process values. Returns (model, specs)."""
+    model = build_model(cfg.model, "meta")
+    specs = default_specs(model)
+    if world.tp_size > 1:
+        apply_tensor_parallel(model, specs, world.tp_rank, world.tp_size, tp_comm or TorchTPComm(world.tp_group),
+                              world.sequence_parallel)
+    shard_experts(model, specs, world.ep_rank, world.ep_size, world.ep_group)
+    model.to_empty(device=world.device)
+    init_local(model, specs, cfg.train.seed)
+    assign_owners(specs, world)
+    mark_params(model, specs)
+    return model, specs
+
+
+def param_groups(model, cfg) -> list[dict]:
+    decay, plain = [], []
+    for n, p in model.named_parameters():
+        (plain if no_decay(n, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+class NativeEngine(Engine):
+    name = "native"
+
+    def __init__(self, cfg, world: ParallelWorld | None = None):
+        super().__init__(cfg)
+        par = cfg.parallel
+        for key in ("expert_tensor", "pipeline"):
+            if getattr(par, key) != 1:
+                from training.config import ConfigError
+                raise ConfigError(f"parallel.{key}={getattr(par, key)} is not allowed with train.engine={self.name}: "
+                                  "must be 1 (not implemented)")
+        self.world = world or build_world(par.tensor, par.expert, par.sequence_parallel)
+        self.model, self.specs = build_sharded_model(cfg, self.world)
+        self._names = {p: n for n, p in self.model.named_parameters()}
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr,
+                                           betas=tuple(cfg.train.betas), eps=1e-8)
+
+    def unwrap(self):
+        return self.model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @torch.no_grad()
+    def _reduce_grads(self) -> None:
+        w = self.world
+        buckets = {"tp": [], "dp": [], "edp": []}
+        for n, p in self.model.named_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            spec = self.specs[n]
+            if spec.tp_partial and w.tp_size > 1:
+                buckets["tp"].append(p.grad)
+            buckets["edp" if spec.kind == "expert" else "dp"].append(p.grad)
+        _coalesced_all_reduce(buckets["tp"], w.tp_group, w.tp_size > 1, 1.0)
+        _coalesced_all_reduce(buckets["dp"], w.dp_group, w.dp_size > 1, 1.0 / w.dp_size)
+        _coalesced_all_reduce(buckets["edp"], w.edp_group, w.edp_size > 1, 1.0 / w.dp_size)
+        if w.edp_size == 1 and w.dp_size > 1:  # experts still need the 1/DP of the mean over data-parallel ranks
+            for g in buckets["edp"]:
+                g.mul_(1.0 / w.dp_size)
+
+    @torch.no_grad()
+    def grad_norm(self) -> float:
+        """Global L2 norm: each distinct gradient element counted once (by its owner), summed over the world."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        for n, p in self.model.named_parameters():
+            if self.specs[n].owner and p.grad is not None:
+                sq += p.grad.double().pow(2).sum()
+        if self.world.world_size > 1:
+            dist.all_reduce(sq)
+        return math.sqrt(sq.item()) if math.isfinite(sq.item()) else float("nan")
+
+    @torch.no_grad()
+    def step(self, lr: float) -> dict:
+        self._reduce_grads()
+        norm = self.grad_norm()
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"grad_norm": norm, "skipped": True}
+        clip = self.cfg.train.grad_clip
+        if clip > 0 and norm > clip:
+            coef = clip / (norm + 1e-6)
+            for p in self.model.parameters():
+                p.grad.mul_(coef)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm, "skipped": False}
+
+    # ---- optimizer state in model space ---------------------------------------------------------------------
+    def _get_optim_state(self):
+        out = {}
+        for n, p in self.model.named_parameters():
+            st = self.optimizer.state.get(p, {})
+            if "exp_avg" in st:
+                out[n] = {k: st[k] for k in MOMENTS}
+        return out
+
+    def _set_optim_state(self, states, step: int) -> None:
+        for n, p in self.model.named_parameters():
+            if n in states:
+                self.optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                           **{k: v.to(p.device, torch.float32).clone() for k, v in states[n].items()}}
+
+    def _optim_step(self) -> int:
+        for st in self.optimizer.state.values():
+            if "step" in st:
+                return int(st["step"])
+        return 0
+
+
+def _coalesced_all_reduce(grads, group, active: bool, scale: float) -> None:
+    if not grads or not active:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if scale != 1.0:
+        flat.mul_(scale)
+    dist.all_reduce(flat, group=group)
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()

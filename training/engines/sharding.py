@@ -1,0 +1,123 @@
+"""Where each local parameter sits inside the full (unsharded) parameter of the same name.
+
+Every engine describes its layout with one `ShardSpec` per parameter/buffer of the unwrapped `LLaDA2MoE`. The spec
+is the single source of truth for: initialising a shard exactly as a single process would (`init_local`), slicing a
+full state dict (`load_full`), writing/reading reshardable checkpoints (`shard_format`), gathering the full state dict,
+and counting each gradient element once in the global grad norm (`owner`).
+
+A local tensor is a concatenation, along one dim, of `pieces` of the global tensor; one piece for an ordinary
+row/column/expert shard, three for the fused `query_key_value` ([q | k | v] rows of this rank's heads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ShardSpec:
+    global_shape: tuple[int, ...]
+    dim: int = 0
+    pieces: list[tuple[int, int, int]] = field(default_factory=list)  # (local_start, global_start, length) on dim
+    kind: str = "replicated"  # replicated | tp (split over the TP group) | expert (split over the EP group)
+    tp_partial: bool = False  # grad is a partial sum over TP ranks (token split, head split, sequence parallel)
+    owner: bool = True  # this rank is the one replica that writes it / counts it in the grad norm
+
+    @classmethod
+    def replicated(cls, shape) -> "ShardSpec":
+        shape = tuple(shape)
+        return cls(global_shape=shape, dim=0, pieces=[(0, 0, shape[0] if shape else 1)])
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        shape = list(self.global_shape)
+        if shape:
+            shape[self.dim] = sum(p[2] for p in self.pieces)
+        return tuple(shape)
+
+    @property
+    def is_full(self) -> bool:
+        return self.local_shape == self.global_shape
+
+    def boxes(self):
+        """Yield (local_slices, global_offsets, sizes): an N-d box per piece."""
+        nd = len(self.global_shape)
+        for local_start, global_start, length in self.pieces:
+            if nd == 0:
+                yield (), (), ()
+                continue
+            offsets = [0] * nd
+            sizes = list(self.global_shape)
+            offsets[self.dim], sizes[self.dim] = global_start, length
+            local = [slice(None)] * nd
+            local[self.dim] = slice(local_start, local_start + length)
+            yield tuple(local), tuple(offsets), tuple(sizes)
+
+    def slice_full(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a full tensor."""
+        if tuple(full.shape) != self.global_shape:
+            raise ValueError(f"full tensor has shape {tuple(full.shape)}, expected {self.global_shape}")
+        if self.is_full:
+            return full
+        return torch.cat([full.narrow(self.dim, g, n) for _, g, n in self.pieces], dim=self.dim)
+
+
+def default_specs(model: torch.nn.Module) -> dict[str, ShardSpec]:
+    """Every parameter and persistent buffer replicated (single process / pure data parallel)."""
+    specs = {name: ShardSpec.replicated(p.shape) for name, p in model.named_parameters()}
+    for name, b in model.named_buffers():
+        specs[name] = ShardSpec.replicated(b.shape)
+    return specs
+
+
+def assign_owners(specs: dict[str, ShardSpec], world) -> None:
+    """Exactly one rank owns each distinct piece: replicated -> rank 0; tp -> dp_rank 0 of each TP rank;
+    expert -> edp_rank 0 of each EP rank."""
+    for spec in specs.values():
+        if spec.kind == "tp":
+            spec.owner = world.dp_rank == 0
+        elif spec.kind == "expert":
+            spec.owner = world.edp_rank == 0
+        else:
+            spec.owner = world.rank == 0
+
+
+def mark_params(model: torch.nn.Module, specs: dict[str, ShardSpec]) -> None:
+    """Attributes the engines' grad reduction reads (the megatron-core names, so megatron DDP/optimizer agree):
+    `allreduce=False` on expert params (reduced over expert-data-parallel), `tensor_model_parallel` on TP shards
+    and experts (never a TP duplicate: the grad norm counts them on every TP rank, as megatron's own expert
+    linears), and our `tp_partial` (summed over the TP group)."""
+    for name, p in model.named_parameters():
+        spec = specs[name]
+        if spec.kind == "expert":
+            p.allreduce = False
+        if spec.kind in ("tp", "expert"):
+            p.tensor_model_parallel = True
+            p.partition_dim = spec.dim
+            p.partition_stride = 1
+        p.tp_partial = spec.tp_partial
+
+
+@torch.no_grad()
+def init_local(model, specs: dict[str, ShardSpec], seed: int) -> None:
+    """Materialised (possibly sharded) params get exactly the values a single process would give them: the full
+    initial tensor of each parameter depends only on (seed, name); we keep our slice (one full tensor at a time)."""
+    for name, p in model.named_parameters():
+        p.copy_(specs[name].slice_full(model.init_tensor(name, specs[name].global_shape, seed)))
+    for name, b in model.named_buffers():
+        b.zero_()
+
+
+@torch.no_grad()
+def load_full(model, specs: dict[str, ShardSpec], full: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy this rank's slices out of a full state dict in the model's own names."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    missing = [n for n in own if n not in full]
+    unexpected = [n for n in full if n not in own]
+    if strict and (missing or unexpected):
+        raise KeyError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, t in own.items():
+        if name in full:
+            t.copy_(specs[name].slice_full(full[name].to(t.device)))

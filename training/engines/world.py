@@ -1,0 +1,107 @@
+"""The parallel world: ranks, sizes and process groups, created once and passed around (never read from globals).
+
+Rank layout (the same for every engine, and the same as megatron-core's default order "tp-cp-ep-dp-pp" with
+expert-tensor-parallel 1, so "MoE parallel folding" holds):
+    dense grid   rank = dp_rank * tp + tp_rank              (tensor parallel ranks are neighbours)
+    expert grid  rank = edp_rank * ep + ep_rank             (expert parallel ranks are neighbours)
+An expert-parallel group may therefore overlap a tensor-parallel group (TP=2 x EP=2 on 4 ranks: both are {0,1} and
+{2,3}); the MoE layer splits the TP-replicated tokens between TP ranks before dispatch (see tensor_parallel.py).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelWorld:
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+    edp_rank: int = 0  # expert-data-parallel: replicas of the same expert shard
+    edp_size: int = 1
+    sequence_parallel: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "none"  # gloo | nccl | none (single process)
+    dp_group: Any = None
+    tp_group: Any = None
+    ep_group: Any = None
+    edp_group: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        return (f"world={self.world_size} dp={self.dp_size} tp={self.tp_size}{'+sp' if self.sequence_parallel else ''}"
+                f" ep={self.ep_size} edp={self.edp_size} backend={self.backend} device={self.device}")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device, str]:
+    """Initialise torch.distributed from the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+    LOCAL_RANK) when WORLD_SIZE > 1: nccl on CUDA, gloo on CPU. Returns (rank, world, device, backend)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world <= 1 and not dist.is_initialized():
+        return 0, 1, device, "none"
+    if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device, dist.get_backend()
+
+
+def layout_groups(world_size: int, tp: int, ep: int):
+    """Rank lists of every group in the layout above: (dp, tp, ep, edp) lists of lists. Pure, for tests too."""
+    if world_size % tp:
+        raise ValueError(f"world size {world_size} is not divisible by parallel.tensor={tp}")
+    if world_size % ep:
+        raise ValueError(f"world size {world_size} is not divisible by parallel.expert={ep}")
+    dp = world_size // tp
+    tp_groups = [list(range(d * tp, (d + 1) * tp)) for d in range(dp)]
+    dp_groups = [list(range(t, world_size, tp)) for t in range(tp)]
+    ep_groups = [list(range(e * ep, (e + 1) * ep)) for e in range(world_size // ep)]
+    edp_groups = [list(range(r, world_size, ep)) for r in range(ep)]
+    return dp_groups, tp_groups, ep_groups, edp_groups
+
+
+def build_world(tp: int, ep: int, sequence_parallel: bool = False, timeout_s: int = 1800) -> ParallelWorld:
+    """Torch-native groups for the native and deepspeed engines (megatron builds its own through parallel_state)."""
+    rank, world, device, backend = init_distributed(timeout_s)
+    dp_groups, tp_groups, ep_groups, edp_groups = layout_groups(world, tp, ep)
+    w = ParallelWorld(rank=rank, world_size=world, tp_size=tp, ep_size=ep, dp_size=world // tp,
+                      edp_size=world // ep, sequence_parallel=sequence_parallel and tp > 1, device=device,
+                      backend=backend)
+    w.tp_rank, w.dp_rank = rank % tp, rank // tp
+    w.ep_rank, w.edp_rank = rank % ep, rank // ep
+    if world > 1:
+        # new_group is collective over the whole world: every rank creates every group, keeps its own.
+        for name, lists in (("dp_group", dp_groups), ("tp_group", tp_groups), ("ep_group", ep_groups),
+                            ("edp_group", edp_groups)):
+            for ranks in lists:
+                g = dist.new_group(ranks)
+                if rank in ranks:
+                    setattr(w, name, g)
+    return w
