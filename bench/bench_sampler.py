@@ -45,9 +45,9 @@ class ConfidenceOracle(nn.Module):
         return ModelOutput(logits=logits, aux_loss=torch.zeros(()), kv=kv)
 
 
-def _run(model, prompt, args, threshold):
+def _run(model, prompt, args, threshold, gen_length=None):
     t0 = time.perf_counter()
-    res = generate_text(model, [prompt], mask_id=MASK, eos_id=None, gen_length=args.gen_length,
+    res = generate_text(model, [prompt], mask_id=MASK, eos_id=None, gen_length=gen_length or args.gen_length,
                         block_length=args.block, steps=args.steps, threshold=threshold)
     return res, time.perf_counter() - t0
 
@@ -59,6 +59,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=32, help="steps per block (text default 32, image default 8)")
     p.add_argument("--threshold", type=float, default=0.95)
     p.add_argument("--prompt-len", type=int, default=40)
+    p.add_argument("--tiny-gen-length", type=int, default=64, help="tokens for the (slow, CPU) tiny-model run")
     p.add_argument("--out", default=str(ROOT / "bench/results/sampler.json"))
     args = p.parse_args()
     from tqdm import tqdm
@@ -79,12 +80,12 @@ def main() -> int:
     cfg = load_config(ROOT / "configs/model/tiny.yaml", ["model.attention=sdpa"])
     tiny = build_model(cfg.model, seed=0).eval()
     tprompt = torch.randint(5, 2000, (args.prompt_len,), generator=gen).tolist()
-    fixed, t_fixed = _run(tiny, tprompt, args, 1.0)
-    thr, t_thr = _run(tiny, tprompt, args, args.threshold)
-    rows.append({"model": "tiny-random", "fixed_nfe_per_token": fixed.nfe / args.gen_length,
-                 "threshold_nfe_per_token": thr.nfe / args.gen_length, "ratio": thr.nfe / fixed.nfe,
-                 "fixed_ms_per_token": 1e3 * t_fixed / args.gen_length,
-                 "threshold_ms_per_token": 1e3 * t_thr / args.gen_length})
+    n = args.tiny_gen_length
+    fixed, t_fixed = _run(tiny, tprompt, args, 1.0, n)
+    thr, t_thr = _run(tiny, tprompt, args, args.threshold, n)
+    rows.append({"model": "tiny-random", "gen_length": n, "fixed_nfe_per_token": fixed.nfe / n,
+                 "threshold_nfe_per_token": thr.nfe / n, "ratio": thr.nfe / fixed.nfe,
+                 "fixed_ms_per_token": 1e3 * t_fixed / n, "threshold_ms_per_token": 1e3 * t_thr / n})
     print(f"{'model':>12} {'confident':>9} {'fixed nfe/tok':>14} {'thresh nfe/tok':>15} {'ratio':>7}")
     for r in rows:
         print(f"{r['model']:>12} {r.get('confident_fraction', float('nan')):>9.2f} {r['fixed_nfe_per_token']:>14.3f} "

@@ -108,5 +108,3 @@ class DataConfig:
                 raise ConfigError(f"data.datasets.{name}={w} is not allowed: mixing weights must be > 0")
         if self.split not in ("train", "val"):
             raise ConfigError(f"data.split={self.split} is not allowed: must be train | val")
-        if root is not None and getattr(root, "model", None) is not None and self.synthetic is False:
-            pass  # vocab agreement is checked against the tokenizer at load time (the files may not exist yet)

@@ -230,7 +230,7 @@ class SyntheticLoader:
         self.epoch, self.batch = 0, 0
 
     def _doc(self, rng: np.random.Generator):
-        text_hi = max(self.offset, 8)
+        text_hi = max(self.offset - 2, 8)  # offset-1 / offset-2 are synthetic mask / <uncondition> (specials_for)
         if self.offset < self.V and rng.random() < 0.3:
             c = int(rng.integers(1, min(16, text_hi)))
             pat = self.offset + (np.arange(16) * 7 + c * 31) % (self.V - self.offset)

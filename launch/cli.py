@@ -29,6 +29,14 @@ def _flags_export(p):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
 
 
+def _flags_out(p):
+    p.add_argument("--out", default=None, help="output path (default: from the config)")
+
+
+def _flags_pretokenize(p):
+    p.add_argument("--workers", type=int, default=None, help="worker processes over shards")
+
+
 # name -> (target "module:function", flag adder or None, help)
 COMMANDS: dict[str, tuple[str, object, str]] = {
     "model info": ("launch.commands:cmd_model_info", _flags_info, "parameter counts (meta device, no memory)"),
@@ -36,6 +44,13 @@ COMMANDS: dict[str, tuple[str, object, str]] = {
                           "check an HF checkpoint and write a model preset for it (train with train.init_from=DIR)"),
     "convert hf-export": ("launch.commands:cmd_hf_export", _flags_export, "export a checkpoint to HF format"),
     "train": ("launch.commands:cmd_train", None, "train the backbone (in this process; see `launch local`)"),
+    "data make-sample": ("data_pipeline.sample:cmd_make_sample", _flags_out,
+                         "write the bundled raw sample shards (real photos from wheels + procedural shapes) to OUT"),
+    "tokenizer fit-codebook": ("data_pipeline.image_tokenizer.fit_codebook:cmd_fit_codebook", _flags_out,
+                               "fit the SigLIP-VQ codebook by spherical k-means on ViT features"),
+    "pretokenize": ("data_pipeline.pretokenize:cmd_pretokenize", _flags_pretokenize,
+                    "raw shards -> token shards in the official layout + manifest.json (resumable)"),
+    "quickstart": ("launch.quickstart:cmd_quickstart", None, "the whole pipeline on the bundled default"),
     "launch local": ("launch.local:cmd_launch_local", importlib.import_module("launch.local").add_flags,
                      "torchrun on this machine: --nproc N ranks of `unidiff train`"),
     "launch slurm": ("launch.slurm:cmd_launch_slurm", importlib.import_module("launch.slurm").add_flags,
@@ -83,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     config, overrides, args.positionals = _split(args.words)
+    if getattr(args, "out", "") is None and args.positionals:  # `data make-sample OUT` style
+        args.out = args.positionals.pop(0)
     from training.config import load_config
 
     try:

@@ -167,6 +167,19 @@ def check_partition(partition: str) -> None:
                           f"{', '.join(known) or '(none)'} (set --partition or launch.partition)")
 
 
+def check_not_running(slurm_dir: Path) -> None:
+    """Two jobs training into one run dir would overwrite each other's checkpoints: refuse while the last job
+    submitted for this run is still queued or running."""
+    ids = (slurm_dir / "jobs.txt").read_text().split() if (slurm_dir / "jobs.txt").exists() else []
+    if not ids:
+        return
+    r = subprocess.run([_tool("squeue"), "-h", "-j", ids[-1], "-o", "%T"], capture_output=True, text=True, timeout=60)
+    state = r.stdout.strip() if r.returncode == 0 else ""
+    if state:
+        raise LaunchError(f"job {ids[-1]} of this run ({slurm_dir.parent}) is still {state}: `scancel {ids[-1]}` "
+                          f"first, or choose another run.name")
+
+
 def submit(script: Path, extra: list[str] | None = None) -> str:
     """sbatch the script; returns the job id."""
     r = subprocess.run([_tool("sbatch"), "--parsable", *(extra or []), str(script)], capture_output=True, text=True,
@@ -214,10 +227,13 @@ def launch_slurm(cfg, args, rank_command: str | None = None) -> list[str]:
         return []
     _tool("sbatch")
     check_partition(lc.partition)
+    check_not_running(slurm_dir)
     slurm_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, config_snapshot)
     script_path.write_text(text)
     job = submit(script_path)
+    with open(slurm_dir / "jobs.txt", "a") as f:
+        f.write(job + "\n")
     print(f"submitted job {job}: {lc.nodes} node(s) x {lc.ranks_per_node()} rank(s) of `unidiff {command}`; "
           f"script {script_path}, logs {slurm_dir}/{job}.out")
     return [job]

@@ -217,3 +217,20 @@ def test_block_schedule_and_config_validation():
         extra = ["diffusion.mask_high=0.8"] if key == "mask_low" else []
         with pytest.raises(ConfigError, match=f"diffusion.{key}"):
             load_config("configs/model/tiny.yaml", [override, *extra])
+
+
+def test_objective_flex_path_equals_sdpa_path():
+    """The loss through FlexAttention BlockMasks equals the dense SDPA path (forward: torch 2.13 has no flex
+    backward on CPU, and training there refuses flex with a clear error)."""
+    cfg = load_config("configs/model/tiny.yaml")
+    ids = torch.randint(3, 2000, (2, 64), generator=torch.Generator().manual_seed(9))
+    batch = _batch(ids, doc=torch.tensor([[0] * 30 + [1] * 34, [0] * 64]))
+    dcfg = DiffusionConfig(block_schedule=[[0, 8]])
+    losses = []
+    for attention in ("sdpa", "flex"):
+        model = build_model(dataclasses.replace(cfg.model, attention=attention), seed=0)
+        with torch.no_grad():
+            losses.append(diffusion_loss(model, batch, dcfg, 0, SPECIALS, torch.Generator().manual_seed(0))[0])
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="model.attention"):
+        diffusion_loss(model, batch, dcfg, 0, SPECIALS)

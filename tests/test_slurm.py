@@ -97,7 +97,7 @@ def test_layout_errors_name_the_fix():
     cfg = load_config(TINY, ["parallel.tensor=2", "train.global_batch_size=8", "train.micro_batch_size=1"])
     assert check_world(cfg, 2, 2) == 2
     with pytest.raises(ConfigError, match="not divisible by parallel.tensor"):
-        check_world(cfg, 3, 1)  # 3 ranks, TP=2 (and TP across nodes is refused first when nproc < TP)
+        check_world(cfg, 1, 3)  # 3 ranks cannot hold TP groups of 2
     with pytest.raises(ConfigError, match="must stay inside a node"):
         check_world(cfg, 2, 1)
     with pytest.raises(ConfigError, match="at most 8 data-parallel ranks"):
@@ -199,6 +199,8 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm_env, tmp_path):
     # Limit 2 min, lead 80 s: slurmctld sends the signal at its first 30-s check past start + 10 s.
     [job] = launch_slurm(cfg, launch_args(nodes=2, time="2", signal_lead=80),
                          rank_command=f"{sys.executable} {tmp_path / 'stand_in.py'} {run_dir} {steps} 0.5")
+    with pytest.raises(LaunchError, match=f"job {job} of this run .* is still (PENDING|RUNNING)"):
+        launch_slurm(cfg, launch_args(nodes=2), rank_command="true")  # a second job into the same run dir
     t0 = time.time()
     while cluster.job(job).get("Restarts") != "1":  # signal -> save -> requeue
         assert time.time() - t0 < 150 and cluster.job(job).get("JobState") not in FINAL, job_logs(run_dir)

@@ -84,10 +84,9 @@ def _set_rng_state(state: dict) -> None:
 
 def train(cfg: Config) -> dict:
     from data_pipeline.loader import build_loader
-    from data_pipeline.vocab import specials_for
+    from data_pipeline.layout import specials_for
     from training.checkpoint import CheckpointManager
     from training.diffusion import diffusion_loss
-    from training.diffusion.schedule import block_size_at
     from training.engines import build_engine
     from training.tracking import Tracker
 
@@ -108,7 +107,7 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not allowed: must be a multiple "
                           f"of train.micro_batch_size x data-parallel size = "
                           f"{cfg.train.micro_batch_size} x {w.dp_size}")
-    loader = build_loader(cfg.data, seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+    loader = build_loader(cfg, seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                           dp_rank=w.dp_rank, dp_size=w.dp_size, seed=cfg.train.seed)
     batches = iter(loader)
 
@@ -136,7 +135,6 @@ def train(cfg: Config) -> dict:
     t_prev = time.perf_counter()
     steps_this_run = 0
     for step in range(start, cfg.train.steps):
-        block = block_size_at(step, cfg.diffusion, cfg.train.seq_len)
         lr = lr_at(step, cfg)
         engine.model.train()
         sums: dict[str, float] = {}
@@ -145,8 +143,7 @@ def train(cfg: Config) -> dict:
         for _ in range(accum):
             batch = next(batches)
             with engine.autocast():
-                loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials,
-                                               block_size=block)
+                loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials)
             engine.backward(loss / accum)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
@@ -174,6 +171,7 @@ def train(cfg: Config) -> dict:
             if is_main:
                 torch.save([l.cpu() for l in loads], run_dir / "expert_load_last.pt")
 
+        block = int(sums.get("block_size", cfg.train.seq_len))
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
         global_tokens = tokens * w.dp_size

@@ -80,8 +80,8 @@ class VQATask:
             table.append({"type": q, "accuracy": round(sum(hits[i] for i in idx) / len(idx), 4),
                           "chance": round(chance, 4), "answer_prior": round(top / len(idx), 4), "n": len(idx)})
         n = len(items)
-        samples = [{"expected": it.reference, "generated": a, "correct": bool(h), "qtype": it.qtype}
-                   for it, a, h in list(zip(items, answers, hits))[:8]]
+        samples = [{"question": it.question, "expected": it.reference, "generated": a, "correct": bool(h),
+                    "qtype": it.qtype} for it, a, h in list(zip(items, answers, hits))[:8]]
         res = TaskResult(self.name, scores={"accuracy": sum(hits) / n, "items": float(n), "nfe": float(nfe)},
                          baselines={"accuracy": chance_sum / n, "answer_prior": prior_sum / n}, samples=samples,
                          seconds=time.time() - t0)

@@ -90,8 +90,8 @@ def flex_training_mask(doc_ids: torch.Tensor, block_size: int):
 
 
 def use_flex(attention: str, device) -> bool:
-    """model.attention: flex | sdpa | auto. auto = flex on CUDA; on CPU the compiled flex kernel costs ~20 s to
-    compile per shape and is not faster at test sizes (bench/bench_attention.py), so auto picks dense SDPA there."""
+    """model.attention: flex | sdpa | auto. auto = flex on CUDA, dense SDPA on CPU: torch 2.13 has no FlexAttention
+    backward on CPU, and its forward costs ~20 s of compile per shape (bench/bench_attention.py has the numbers)."""
     if attention == "flex":
         if create_block_mask is None:
             raise RuntimeError("model.attention=flex but this torch has no FlexAttention; use sdpa or auto")
@@ -104,6 +104,9 @@ def use_flex(attention: str, device) -> bool:
 def training_mask(doc_ids: torch.Tensor, block_size: int, attention: str = "auto"):
     """The attention mask of one training forward, on the path model.attention selects."""
     if use_flex(attention, doc_ids.device):
+        if doc_ids.device.type == "cpu" and torch.is_grad_enabled():
+            raise RuntimeError("model.attention=flex cannot train on CPU: FlexAttention has no CPU backward in this "
+                               "torch; use model.attention=auto (dense SDPA on CPU, flex on CUDA) or sdpa")
         return flex_training_mask(doc_ids, block_size)
     return dense_training_mask(doc_ids, block_size)
 

@@ -1,0 +1,169 @@
+"""The DeepSpeed engine: deepspeed.initialize with ZeRO 0/1/2 (3 without expert parallelism) around the one
+LLaDA2MoE, expert parallelism on DeepSpeed's expert-parallel group with the project's all-to-all dispatcher.
+
+CPU (research note section 4): DS_ACCELERATOR=cpu, the shared-memory comm op is stubbed before init (it would JIT
+compile for ~60 s), and the optimizer is a client torch AdamW, so nothing is ever JIT-compiled.
+
+Expert parameters are marked the DeepSpeed way (`allreduce=False`, `group_name="ep_size_<ep>"`, optimizer param
+groups split with `split_params_into_different_moe_groups_for_optimizer`), so ZeRO partitions and reduces them over
+the expert-data-parallel group. DeepSpeed only recognises its own `deepspeed.moe.layer.MoE` as an MoE module; while
+`deepspeed.initialize` runs, the engine module's `MoE` name is widened to (its MoE, our MoE) so `has_moe_layers` is
+set and the expert groups are wired into ZeRO (restored right after).
+
+Gradient accumulation is owned by the caller (`managed_gradient_accumulation: false`): backward() accumulates
+locally, step() reduces, clips and updates, exactly the trainer contract.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from training.engines.base import Engine, MOMENTS, no_decay
+from training.engines.native import build_sharded_model
+from training.engines.world import ParallelWorld, init_distributed
+
+
+def _prepare_cpu() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # `import deepspeed.comm.torch as m` returns the torch package (name shadowing): patch via sys.modules.
+        importlib.import_module("deepspeed.comm.torch")
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+@contextlib.contextmanager
+def _project_moe_is_deepspeed_moe():
+    import deepspeed.runtime.engine as ds_engine
+    from training.model.moe import MoE
+    original = ds_engine.MoE
+    ds_engine.MoE = (original, MoE)
+    try:
+        yield
+    finally:
+        ds_engine.MoE = original
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        par = cfg.parallel
+        from training.config import ConfigError
+        for key in ("tensor", "expert_tensor", "pipeline"):
+            if getattr(par, key) != 1:
+                raise ConfigError(f"parallel.{key}={getattr(par, key)} is not allowed with train.engine=deepspeed: "
+                                  "must be 1 (use train.engine=megatron or native for tensor parallelism)")
+        if par.zero_stage == 3 and par.expert > 1:
+            raise ConfigError(f"parallel.zero_stage=3 is not allowed with parallel.expert={par.expert} on deepspeed: "
+                              "DeepSpeed asserts MoE out of ZeRO-3; use zero_stage 0, 1 or 2")
+        _prepare_cpu()
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        from deepspeed.utils import groups
+
+        rank, world, device, backend = init_distributed()
+        if world == 1 and not dist.is_initialized():
+            dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(), rank=0,
+                                    world_size=1)
+            backend = dist.get_backend()
+        deepspeed.init_distributed(dist_backend=backend)
+        ep = par.expert
+        self.group_name = f"ep_size_{ep}"
+        if self.group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(ep)
+        self.world = ParallelWorld(
+            rank=rank, world_size=world, device=device, backend=backend, dp_rank=rank, dp_size=world,
+            ep_rank=groups._get_expert_parallel_rank(self.group_name), ep_size=ep,
+            edp_rank=dist.get_rank(groups._get_expert_data_parallel_group(self.group_name)),
+            edp_size=groups._get_expert_data_parallel_world_size(self.group_name),
+            dp_group=groups._get_data_parallel_group(), ep_group=groups._get_expert_parallel_group(self.group_name),
+            edp_group=groups._get_expert_data_parallel_group(self.group_name))
+        model, self.specs = build_sharded_model(cfg, self.world)
+        self._module = model
+        for n, p in model.named_parameters():
+            if self.specs[n].kind == "expert":
+                p.group_name = self.group_name
+                # DeepSpeed averages expert grads over the expert-data-parallel group; the objective is the mean
+                # over all data-parallel ranks, so pre-scale by edp/dp (1 when there is no expert parallelism).
+                if False and self.world.edp_size != self.world.dp_size:
+                    p.register_hook(lambda g, s=self.world.edp_size / self.world.dp_size: g * s)
+
+        t = cfg.train
+        groups_ = [{"params": [p for n, p in model.named_parameters() if not no_decay(n, p)],
+                    "weight_decay": t.weight_decay, "name": "decay"},
+                   {"params": [p for n, p in model.named_parameters() if no_decay(n, p)],
+                    "weight_decay": 0.0, "name": "no_decay"}]
+        groups_ = split_params_into_different_moe_groups_for_optimizer(groups_)
+        optimizer = torch.optim.AdamW(groups_, lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+        accum = self.global_batch_accum()
+        ds_config = {
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": accum,
+            "train_batch_size": t.micro_batch_size * accum * self.world.dp_size,
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": t.grad_clip,
+            "zero_optimization": {"stage": par.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+                                  "reduce_scatter": True},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        with _project_moe_is_deepspeed_moe():
+            self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                    config=ds_config)
+
+    def unwrap(self):
+        return self._module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)  # the trainer already divides by the accumulation count
+
+    @torch.no_grad()
+    def step(self, lr: float) -> dict:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        skipped = bool(getattr(self.optimizer, "overflow", False)) or not math.isfinite(norm)
+        return {"grad_norm": norm, "skipped": skipped}
+
+    # ---- optimizer state in model space (deepspeed's safe_get/set_full_* helpers, collective under ZeRO) -------
+    def _get_optim_state(self):
+        from deepspeed.utils import safe_get_full_optimizer_state
+        out = {}
+        for n, p in self._module.named_parameters():
+            st = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
+            if all(v is not None for v in st.values()):
+                out[n] = st
+        return out
+
+    def _set_optim_state(self, states, step: int) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+        for n, p in self._module.named_parameters():
+            if n in states:
+                for k in MOMENTS:
+                    safe_set_full_optimizer_state(p, states[n][k].to(p.device), k)
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        for st in base.state.values():
+            if "step" in st:
+                st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+
+    def _optim_step(self) -> int:
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        for st in base.state.values():
+            if "step" in st:
+                return int(st["step"])
+        return 0
+
+    def _after_load_params(self) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+        for p in self._module.parameters():
+            safe_set_full_fp32_param(p, p.detach().clone())
