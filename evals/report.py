@@ -73,7 +73,14 @@ def to_markdown(results: list[TaskResult], meta: dict, figures: dict[str, str]) 
 
 def write_report(results: list[TaskResult], out_dir: Path, meta: dict, figures: dict[str, str]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "tasks": {r.name: r.to_json() for r in results}, "figures": figures}
+    summary = []
+    for r in results:  # numbers (not strings), for launch/quickstart's table and other readers
+        key, _, _ = headline(r)
+        base = r.baselines.get(key, next((v for k, v in r.baselines.items() if key and k.endswith(key.split("/")[-1])),
+                                         None)) if key else None
+        summary.append({"task": r.name, "status": r.status, "metric": key, "score": r.scores.get(key),
+                        "baseline": base, "reason": r.reason})
+    doc = {"meta": meta, "summary": summary, "tasks": {r.name: r.to_json() for r in results}, "figures": figures}
     jpath, mpath = out_dir / "report.json", out_dir / "report.md"
     jpath.write_text(json.dumps(doc, indent=1, default=str))
     mpath.write_text(to_markdown(results, meta, figures))

@@ -50,6 +50,8 @@ COMMANDS: dict[str, tuple[str, object, str]] = {
                                "fit the SigLIP-VQ codebook by spherical k-means on ViT features"),
     "pretokenize": ("data_pipeline.pretokenize:cmd_pretokenize", _flags_pretokenize,
                     "raw shards -> token shards in the official layout + manifest.json (resumable)"),
+    "eval": ("evals.harness:cmd_eval", importlib.import_module("evals.harness").add_eval_flags,
+             "evaluate a run: likelihood, understanding, generation, reconstruction, speed"),
     "quickstart": ("launch.quickstart:cmd_quickstart", None, "the whole pipeline on the bundled default"),
     "launch local": ("launch.local:cmd_launch_local", importlib.import_module("launch.local").add_flags,
                      "torchrun on this machine: --nproc N ranks of `unidiff train`"),

@@ -33,6 +33,9 @@ def test_report_files_exist_and_parse(tmp_path_factory, tmp_path):
     out = run_dir / "eval"
     doc = json.loads((out / "report.json").read_text())
     assert set(doc["tasks"]) == set(names)
+    summary = {row["task"]: row for row in doc["summary"]}
+    assert summary["choice"]["metric"] == "accuracy" and summary["choice"]["score"] == 1.0
+    assert 0 < summary["choice"]["baseline"] < 1
     assert doc["tasks"]["vqa"]["scores"]["accuracy"] == 1.0 and "accuracy" in doc["tasks"]["vqa"]["baselines"]
     md = (out / "report.md").read_text()
     assert "| task | status | metric | score | baseline / chance | seconds |" in md

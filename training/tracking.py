@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ class Tracker:
         import wandb
 
         id_file = self.run_dir / "wandb_run_id"
-        run_id = cfg.tracking.run_id or (id_file.read_text().strip() if id_file.exists() else "") or wandb.util.generate_id()
+        run_id = (cfg.tracking.run_id or (id_file.read_text().strip() if id_file.exists() else "")
+                  or secrets.token_hex(4))
         id_file.write_text(run_id + "\n")
         os.environ.setdefault("WANDB_SILENT", "true")
         from training.config import to_dict
@@ -65,7 +67,7 @@ class Tracker:
             return
         self._file.close()
         if self.wandb is not None:
-            self.wandb.finish(quiet=True)
+            self.wandb.finish()
             self.wandb = None
 
 

@@ -119,7 +119,7 @@ class DistillConfig:
     method: str = "consistency_training"  # consistency_training (teacher-free) | consistency_distillation (teacher)
     steps: int = 8  # student sampler steps (8, 4, 2 or 1)
     teacher: str = ""  # teacher checkpoint dir (train-decoder output); empty = <run_dir>/decoder/checkpoints
-    teacher_substeps: int = 4  # consistency_distillation: teacher Euler steps per student interval
+    substeps: int = 4  # fine-grid intervals per student interval (consistency grid N = steps * substeps)
     teacher_cfg_scale: float = 1.0  # guidance baked into the student (w; 1 = none)
     train_steps: int = 600
     batch_size: int = 32
@@ -136,7 +136,7 @@ class DistillConfig:
         _check(self.method in ("consistency_training", "consistency_distillation"), "distill.method", self.method,
                "consistency_training | consistency_distillation")
         _check(self.steps in (1, 2, 4, 8, 16), "distill.steps", self.steps, "1 | 2 | 4 | 8 | 16")
-        _check(self.teacher_substeps >= 1, "distill.teacher_substeps", self.teacher_substeps, ">= 1")
+        _check(self.substeps >= 1, "distill.substeps", self.substeps, ">= 1")
         _check(self.loss in ("l2", "pseudo_huber"), "distill.loss", self.loss, "l2 | pseudo_huber")
         _check(0.0 <= self.ema_decay < 1.0, "distill.ema_decay", self.ema_decay, "in [0, 1)")
         _check(self.train_steps >= 1, "distill.train_steps", self.train_steps, ">= 1")

@@ -1,18 +1,20 @@
 """Few-step distillation losses for the turbo sampler ("predict clean, re-noise" on the uniform grid t_k = k/K).
 
 The student s keeps the teacher's architecture and velocity output; its clean estimate is
-f_s(x, t) = x + (1 - t) s(x, t). Both methods make f_s(x_{t_n}, t_n) agree with the clean image reached from
-x_{t_n}, by bootstrapping one student interval at a time (consistency models, Song et al. 2023):
+f_s(x, t) = x + (1 - t) s(x, t). Both methods make f_s(x_{t_n}, t_n) agree with the clean image at the end of the
+ODE trajectory through x_{t_n} (consistency models, Song et al. 2023), bootstrapping over a fine grid
+t_n = n / N, N = K * substeps (the student's sampler uses every substeps-th point). A coarse grid (substeps=1) is
+measurably worse for the teacher-free method: the same-noise pair estimate of the ODE step is biased by O(dt),
+and at dt = 1/K its fixed point is the blurry posterior mean (tests/test_decoder_flow.py shows it).
 
   consistency_training (teacher-free; the consistency half of TwinFlow/RCGM, iCT-style target = stop-grad student):
-      x_n = t_n x1 + (1-t_n) e,  x_m = t_m x1 + (1-t_m) e  (same e, m = n+1)
+      x_n = t_n x1 + (1-t_n) e,  x_m = t_m x1 + (1-t_m) e  (same e, t_m = t_n + 1/N)
       L = d( f_s(x_n, t_n),  sg f_s(x_m, t_m) )          with f(x_K, 1) := x1
   consistency_distillation (frozen teacher T, CFG baked in):
-      x_n as above,  x_m = EulerODE_T(x_n, t_n -> t_m, teacher_substeps, guidance w)
+      x_n as above,  x_m = EulerODE_T(x_n, t_n -> t_m, one step, guidance w)
       L = d( f_s(x_n, t_n),  sg f_s(x_m, t_m) )          with f(x_K, 1) := x_m (the teacher's endpoint)
 
-d is L2 or the pseudo-Huber distance of iCT (c = 0.00054 sqrt(numel per sample)). Only the student's K grid times
-are trained, since those are the only times its sampler evaluates.
+d is L2 or the pseudo-Huber distance of iCT (c = 0.00054 sqrt(numel per sample)); n is uniform on the fine grid.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def teacher_jump(teacher, x, t0: torch.Tensor, t1: torch.Tensor, ids, substeps: 
 def distill_loss(student, x1: torch.Tensor, ids: torch.Tensor, dcfg, teacher=None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """One consistency loss on a batch of clean latents x1 [B, C, H, W] with ids [B, gh, gw]."""
-    b, K = x1.shape[0], dcfg.steps
+    b, K = x1.shape[0], dcfg.steps * dcfg.substeps
     n = torch.randint(0, K, (b,), generator=generator)
     t_n, t_m = (n.float() / K).to(x1.device), ((n + 1).float() / K).to(x1.device)
     e = torch.randn(x1.shape, generator=generator).to(x1)
@@ -51,7 +53,7 @@ def distill_loss(student, x1: torch.Tensor, ids: torch.Tensor, dcfg, teacher=Non
     if dcfg.method == "consistency_distillation":
         if teacher is None:
             raise ValueError("distill.method=consistency_distillation needs a teacher model")
-        x_m = teacher_jump(teacher, x_n, t_n, t_m, ids, dcfg.teacher_substeps, dcfg.teacher_cfg_scale)
+        x_m = teacher_jump(teacher, x_n, t_n, t_m, ids, 1, dcfg.teacher_cfg_scale)
         end = x_m
     else:
         x_m = interpolate(x1, e, t_m)

@@ -16,6 +16,10 @@ from training.engines.world import ParallelWorld
 def build_engine(cfg) -> Engine:
     """Initialise torch.distributed from the torchrun environment if WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)
     and build the engine named by cfg.train.engine."""
+    import os
+
+    from training.engines.world import check_layout
+    check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     engine = cfg.train.engine
     if engine == "native":
         from training.engines.native import NativeEngine

@@ -89,12 +89,9 @@ class DeepSpeedEngine(Engine):
         self._module = model
         for n, p in model.named_parameters():
             if self.specs[n].kind == "expert":
+                # ZeRO reduces these over the expert-data-parallel group, pre-divided by the full DP size: the
+                # sum over EP (all-to-all backward) and EDP over DP equals the mean over DP ranks (measured exact).
                 p.group_name = self.group_name
-                # DeepSpeed averages expert grads over the expert-data-parallel group; the objective is the mean
-                # over all data-parallel ranks, so pre-scale by edp/dp (1 when there is no expert parallelism).
-                if False and self.world.edp_size != self.world.dp_size:
-                    p.register_hook(lambda g, s=self.world.edp_size / self.world.dp_size: g * s)
-
         t = cfg.train
         groups_ = [{"params": [p for n, p in model.named_parameters() if not no_decay(n, p)],
                     "weight_decay": t.weight_decay, "name": "decay"},

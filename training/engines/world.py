@@ -105,3 +105,18 @@ def build_world(tp: int, ep: int, sequence_parallel: bool = False, timeout_s: in
                 if rank in ranks:
                     setattr(w, name, g)
     return w
+
+
+def check_layout(cfg, world_size: int) -> int:
+    """Fail before any work starts when the parallel layout cannot tile `world_size` ranks; returns the DP size."""
+    from training.config import ConfigError
+    par = cfg.parallel
+    dp = par.data_parallel(world_size)  # raises ConfigError naming tensor/pipeline/expert
+    if world_size % par.expert:
+        raise ConfigError(f"parallel.expert={par.expert} is not allowed with {world_size} ranks: must divide the "
+                          "world size")
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not allowed with {dp} data-parallel "
+                          f"ranks: must be a multiple of train.micro_batch_size x DP = {t.micro_batch_size * dp}")
+    return dp
