@@ -52,7 +52,7 @@ def reference(cfg, steps: int = 2) -> dict:
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)))
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return {"loss": losses, "grad_norm": norms, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage
-import torch
 
 from training.config import load_config
 from training.diffusion.generate import cmd_generate

@@ -45,8 +45,8 @@ def drop_condition(batch: dict, span: torch.Tensor, prob: float, replace_id: int
     out["position_ids"] = pos - shift
     if replace_id is not None:
         out["input_ids"] = torch.where(first, torch.full_like(ids, replace_id), ids)
-    # Private negative ids cannot collide with real (non-negative) document ids.
-    private = -1 - torch.arange(doc.shape[1], device=doc.device).expand_as(doc)
+    # Private ids below -1 collide neither with documents (>= 0) nor with the loader's padding id (-1).
+    private = -2 - torch.arange(doc.shape[1], device=doc.device).expand_as(doc)
     out["doc_ids"] = torch.where(removed, private, doc)
     out["maskable"] = batch["maskable"] & ~span
     return out, span

@@ -23,7 +23,7 @@ class DiffusionConfig:
     complementary: bool = False  # add the inverse mask of every sample to the batch (LLaDA2.0 SFT); doubles compute
     # --- loss ---
     elbo_weight: bool = True  # weight each masked token by -alpha'_t / (1 - alpha_t) (1/t for linear); off = plain CE
-    normalize: str = "token"  # token: divide by #masked tokens | sequence: by #maskable tokens (NELBO per token)
+    normalize: str = "sequence"  # sequence: divide by #maskable tokens (NELBO per token) | token: by #masked tokens
     loss_weight_text: float = 1.0  # multiplies the text part of the loss
     loss_weight_image: float = 1.0  # multiplies the image part of the loss
     cap_lambda: float = 0.0  # CAP: weight of the entropy on masked positions already predicted correctly (2.0 in dFactory)

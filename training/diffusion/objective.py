@@ -78,18 +78,19 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
     mdlm = block_size >= length
     ids = x_t if mdlm else torch.cat([x_t, x0], dim=1)
     positions = pos if mdlm else torch.cat([pos, pos], dim=1)
-    attention = getattr(getattr(model, "config", None), "attention", "auto")
+    core = getattr(model, "module", model)  # an engine wrapper (DeepSpeed, DDP) holds the LLaDA2MoE in .module
+    attention = getattr(getattr(core, "config", None), "attention", "auto")
     attn_mask = training_mask(doc, block_size, attention)
     embeds = None
     if cfg.mask_embed_noise_std > 0 and step < cfg.mask_embed_noise_steps:
         # LLaDA2.0: an AR-initialised mask embedding decays to ~0 and gradients explode; noise keeps it informative.
-        embeds = model.embed(ids)
+        embeds = core.embed(ids)
         noisy = ids == mask_id
         embeds = embeds + cfg.mask_embed_noise_std * torch.randn(embeds.shape, device=embeds.device,
                                                                   generator=generator).to(embeds.dtype) * noisy[..., None]
     out = model(input_ids=None if embeds is not None else ids, position_ids=positions, attention_mask=attn_mask,
-                inputs_embeds=embeds)
-    logits = out.logits[:, :length]
+                inputs_embeds=embeds, logits_to_keep=length)  # the x_0 half never needs the LM head
+    logits = out.logits
 
     # Only the masked rows of the logits enter the loss (gathering them first keeps the [N, V] softmax small).
     sel_logits, target = logits[masked], x0[masked]

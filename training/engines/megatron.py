@@ -159,18 +159,23 @@ class MegatronEngine(Engine):
 
     # ---- optimizer state in model space: gather each param's DP-sharded range (distributed optimizer) --------
     def _owning(self, param):
+        """(optimizer, range of the flattened param held on this DP rank, or None): the dense or the expert
+        DistributedOptimizer; a rank whose DP shard does not overlap the param holds none of it."""
+        expert = not getattr(param, "allreduce", True)
         for opt in self.optimizer.chained_optimizers:
-            if param in opt.model_param_gbuf_map:
-                return opt
+            if any(g.get("is_expert_parallel", False) == expert for g in opt.optimizer.param_groups):
+                if param in opt.model_param_gbuf_map:
+                    rng = opt._get_model_param_range_map(param)["param"]
+                    return opt, (rng if rng.size > 0 else None)
+                return opt, None
         raise KeyError("parameter not handled by any megatron optimizer")
 
     def _get_optim_state(self):
         out = {}
         for n, p in self._module.named_parameters():
-            opt = self._owning(p)
-            rng = opt._get_model_param_range_map(p)["param"]
+            opt, rng = self._owning(p)
             full = {k: torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for k in MOMENTS}
-            if rng.size > 0:
+            if rng is not None:
                 st = opt._get_main_param_and_optimizer_states(p)
                 for k in MOMENTS:
                     if k in st:
@@ -189,9 +194,8 @@ class MegatronEngine(Engine):
                 if not opt.optimizer.state:
                     opt._init_optimizer_states_with_dummy_values()
         for n, p in self._module.named_parameters():
-            opt = self._owning(p)
-            rng = opt._get_model_param_range_map(p)["param"]
-            if rng.size == 0:
+            opt, rng = self._owning(p)
+            if rng is None:
                 continue
             st = opt._get_main_param_and_optimizer_states(p)
             new = {"param": p.detach().reshape(-1)[rng.start:rng.end]}

@@ -73,10 +73,11 @@ class LLaDA2MoE(nn.Module):
         return self.model.word_embeddings(input_ids)
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_kv=None, use_cache=False,
-                inputs_embeds=None) -> ModelOutput:
+                inputs_embeds=None, logits_to_keep: int | None = None) -> ModelOutput:
         """input_ids [B, L] (or inputs_embeds [B, L, H]); position_ids [B, L] (default arange, offset by the cache);
         attention_mask: bool broadcastable to [B, 1, L, L_past + L] (True = may attend), a FlexAttention BlockMask,
-        or None (full bidirectional). past_kv: list of per-layer (k, v) from earlier calls with use_cache=True."""
+        or None (full bidirectional). past_kv: list of per-layer (k, v) from earlier calls with use_cache=True.
+        logits_to_keep: run the LM head on the first N positions only (block diffusion needs none for x_0)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, l, _ = x.shape
         if position_ids is None:
@@ -99,6 +100,8 @@ class LLaDA2MoE(nn.Module):
                 stats.append(st)
             if use_cache:
                 new_kv.append(kv)
+        if logits_to_keep is not None:
+            x = x[:, :logits_to_keep]
         logits = self.lm_head(self.model.norm(x)).float()
         self.last_router = stats  # read by the trainer for logging and the bias update (the loss hides the output)
         return ModelOutput(logits=logits, aux_loss=aux_total, router=stats, kv=new_kv if use_cache else None)
