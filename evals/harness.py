@@ -72,7 +72,7 @@ def load_backbone(cfg, device):
     from training.checkpoint import CheckpointManager
     from training.engines import build_engine
 
-    ckpt = Path(src) if src else CheckpointManager(cfg.run_dir / "checkpoints").latest_valid()
+    ckpt = Path(src) if src else CheckpointManager(cfg.run_dir).latest_valid()
     if ckpt is None or not Path(ckpt).exists():
         raise LookupError(f"no valid checkpoint under {cfg.run_dir / 'checkpoints'} (train first, or set "
                           f"eval.checkpoint=DIR)")

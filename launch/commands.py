@@ -65,7 +65,7 @@ def cmd_hf_export(cfg, args) -> int:
     from training.engines import build_engine
     from training.hf_format import export_hf
 
-    ckpt = Path(args.checkpoint) if args.checkpoint else CheckpointManager(cfg.run_dir / "checkpoints").latest_valid()
+    ckpt = Path(args.checkpoint) if args.checkpoint else CheckpointManager(cfg.run_dir).latest_valid()
     if ckpt is None:
         raise ConfigError(f"no valid checkpoint under {cfg.run_dir / 'checkpoints'}; pass --checkpoint DIR")
     single = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1, expert=1,

@@ -41,7 +41,7 @@ class LaunchConfig:
     # save must fit in it (SLURM may deliver it up to 60 s early)
     requeue: bool = True  # after a pre-timeout save, requeue the job so it resumes from `latest`
     max_requeues: int = 20  # stop requeueing once SLURM_RESTART_COUNT reaches this (guards against a crash loop)
-    master_port: int = 0  # rank-0 TCP port on the first node; 0 = 20000 + job id % 20000 (no clash between jobs)
+    master_port: int = 0  # rank-0 TCP port on the first node; 0 = a port the head node's kernel reports free
     job_name: str = ""  # sbatch --job-name; empty = run.name
     shards_per_task: int = 1  # `launch slurm --array` (pretokenize): raw shards per array task
     max_parallel_tasks: int = 0  # `--array`: array tasks running at once (sbatch --array=...%N); 0 = no limit
@@ -61,7 +61,7 @@ class LaunchConfig:
              f"0 or launch.gpus_per_node={self.gpus_per_node} (one rank per GPU; fewer ranks would leave GPUs idle)")
         need(0 <= self.signal_lead_s <= 65535, "signal_lead_s", self.signal_lead_s, "in [0, 65535] seconds")
         need(self.master_port == 0 or 1024 <= self.master_port <= 65535, "master_port", self.master_port,
-             "0 (derived from the job id) or a port in [1024, 65535]")
+             "0 (a free port, found at job start) or a port in [1024, 65535]")
         if self.time:
             limit = time_limit_seconds(self.time)
             need(limit is not None, "time", self.time, "an sbatch time: MM, HH:MM:SS or D-HH:MM:SS")

@@ -114,7 +114,7 @@ def render_train_script(lc: LaunchConfig, job_name: str, log_dir: Path, workdir:
         "resource_lines": _resource_lines(lc), "workdir": workdir, "log_dir": log_dir,
         "signal_lead_s": lc.signal_lead_s, "requeue_flag": "--requeue" if lc.requeue else "--no-requeue",
         "env_lines": _env_lines(lc),
-        "master_port": lc.master_port or "$(( 20000 + SLURM_JOB_ID % 20000 ))",
+        "master_port": lc.master_port, "python": shlex.quote(sys.executable),
         "srun_flags": srun_flags, "command": rank_command, "requeue": int(lc.requeue),
         "max_requeues": lc.max_requeues, "script": script_path})
 

@@ -18,6 +18,7 @@ Use as a pytest fixture (`slurm_cluster`, session scope) or by hand:
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -90,6 +91,20 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf),
                     "PATH": os.environ.get("PATH", "") + ":" + SBIN_PATH}
         self._pidfiles: list[Path] = []
+
+    @classmethod
+    def attach(cls, base: Path) -> "SlurmCluster":
+        """A handle on a cluster started earlier under `base` (by another process), for clients and stop()."""
+        c = cls(base)
+        run = c.base / "run"
+        c._pidfiles = [c.base / "munge/munged.pid", run / "slurmctld.pid", *sorted(run.glob("slurmd-*.pid"))]
+        return c
+
+    def running(self) -> bool:
+        try:
+            return _alive(int((self.base / "run/slurmctld.pid").read_text().strip()))
+        except (OSError, ValueError):
+            return False
 
     # ---------------------------------------------------------------- start / stop
     def start(self, timeout_s: float = 60) -> "SlurmCluster":
@@ -248,6 +263,42 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return "\n".join(out)
 
 
+class SharedCluster:
+    """One cluster for every pytest-xdist worker of a test run (the workers' basetemps share a parent): the first
+    user starts it, later users attach, the last one to leave stops it. Reference count under a file lock."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.base = self.root / "cluster"
+        self.state = self.root / "users.json"
+        self.cluster: SlurmCluster | None = None
+
+    def _locked(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(self.root / "lock", "w")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return f
+
+    def __enter__(self) -> SlurmCluster:
+        with self._locked():
+            users = json.loads(self.state.read_text())["users"] if self.state.exists() else 0
+            cluster = SlurmCluster.attach(self.base)
+            if users == 0 or not cluster.running():
+                shutil.rmtree(self.base, ignore_errors=True)
+                cluster = SlurmCluster(self.base).start()
+                users = 0
+            self.state.write_text(json.dumps({"users": users + 1}))
+        self.cluster = cluster
+        return cluster
+
+    def __exit__(self, *exc) -> None:
+        with self._locked():
+            users = json.loads(self.state.read_text())["users"] - 1
+            self.state.write_text(json.dumps({"users": users}))
+            if users <= 0:
+                self.cluster.stop()
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -261,8 +312,8 @@ def _main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
     base = Path(argv[1]).resolve()
-    cluster = SlurmCluster(base)
     if argv[0] == "up":
+        cluster = SlurmCluster(base)
         reason = ensure_installed()
         if reason:
             print(reason, file=sys.stderr)
@@ -270,9 +321,7 @@ def _main(argv: list[str]) -> int:
         cluster.start()
         print(f"export SLURM_CONF={cluster.conf}")
         return 0
-    cluster._pidfiles = [base / "munge/munged.pid", base / "run/slurmctld.pid",
-                         *sorted((base / "run").glob("slurmd-*.pid"))]
-    cluster.stop()
+    SlurmCluster.attach(base).stop()
     return 0
 
 
@@ -284,12 +333,11 @@ try:  # the fixture, when imported by a test module (pytest is not needed for th
         reason = ensure_installed()
         if reason:
             pytest.skip(reason)
-        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-        cluster.start()
-        try:
+        root = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            root = root.parent  # shared by the workers of this run: one cluster, whichever workers need it
+        with SharedCluster(root / "slurm") as cluster:
             yield cluster
-        finally:
-            cluster.stop()
 except ImportError:  # pragma: no cover
     pass
 

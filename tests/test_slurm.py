@@ -1,7 +1,9 @@
 """`unidiff launch slurm` against a real SLURM (slurmctld + two slurmd, emulated nodes n1/n2, started by
 tests/slurm_cluster.py), plus rendering and error checks that need no cluster.
 
-The slurm tests run in one pytest-xdist worker (xdist_group) because they share one cluster.
+All pytest-xdist workers of a run share one cluster (tests/slurm_cluster.py counts its users); the xdist_group
+mark below keeps the slurm tests on one worker where `--dist loadgroup` groups (it does not with pytest 9.2 +
+xdist 3.8: xdist renames `item._nodeid`, which pytest 9 no longer reads).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -220,6 +223,9 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm_env, tmp_path):
         assert r["loss"] == pytest.approx(x * x, rel=1e-12)
 
 
+STEPS = 20  # tiny model, ~0.3 s per step on 2 cores: the signal lands mid-run
+
+
 def _train_overrides(base: Path, name: str, steps: int) -> list[str]:
     return [f"run.dir={base}", f"run.name={name}", "data.synthetic=true", f"train.steps={steps}",
             "train.seq_len=32", "train.micro_batch_size=1", "train.global_batch_size=2", "train.precision=fp32",
@@ -243,7 +249,7 @@ def uninterrupted(slurm_cluster, tmp_path_factory):  # noqa: F811
     base = tmp_path_factory.mktemp("train")
     env = {**slurm_cluster.env, "GLOO_SOCKET_IFNAME": "lo", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "launch.cli", "launch", "slurm", str(TINY),
-                        *_train_overrides(base, "ref", 8), "--nodes", "2"], cwd=ROOT, env=env, capture_output=True,
+                        *_train_overrides(base, "ref", STEPS), "--nodes", "2"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     job = r.stdout.split("submitted job ")[1].split(":")[0]
@@ -256,7 +262,7 @@ def test_two_node_job_trains_and_checkpoints(uninterrupted):
     run_dir, info = uninterrupted
     logs = job_logs(run_dir)
     assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "2", logs
-    assert sorted(_losses(run_dir)) == list(range(8)), logs
+    assert sorted(_losses(run_dir)) == list(range(STEPS)), logs
     assert (run_dir / "checkpoints" / "latest").exists(), logs
     assert (run_dir / "wandb_run_id").read_text().strip(), logs
     assert "rank 0 at 127.0.0.1" in logs  # rendezvous address from the head node's NodeAddr
@@ -271,7 +277,7 @@ def test_preempted_job_resumes_with_identical_losses_and_wandb_run(slurm_env, un
     ref_dir, _ = uninterrupted
     run_dir = tmp_path / "pre"
     r = subprocess.run([sys.executable, "-m", "launch.cli", "launch", "slurm", str(TINY),
-                        *_train_overrides(tmp_path, "pre", 8), "--nodes", "2"], cwd=ROOT, env=dict(os.environ),
+                        *_train_overrides(tmp_path, "pre", STEPS), "--nodes", "2"], cwd=ROOT, env=dict(os.environ),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     job = r.stdout.split("submitted job ")[1].split(":")[0]
@@ -288,7 +294,9 @@ def test_preempted_job_resumes_with_identical_losses_and_wandb_run(slurm_env, un
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs
     assert "got SIGUSR1" in logs and "requeueing job" in logs and "resumed from" in logs, logs
     got, want = _losses(run_dir), _losses(ref_dir)
-    assert sorted(got) == list(range(8))
+    assert sorted(got) == list(range(STEPS))
+    resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", logs).group(1))
+    assert 0 < resumed_at < STEPS - 2, f"the stop should land mid-run (resumed at {resumed_at} of {STEPS})"
     assert got == pytest.approx(want, rel=1e-6, abs=1e-7), (got, want)
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))

@@ -111,7 +111,7 @@ def train(cfg: Config) -> dict:
                           dp_rank=w.dp_rank, dp_size=w.dp_size, seed=cfg.train.seed)
     batches = iter(loader)
 
-    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.train.keep_last)
+    ckpts = CheckpointManager(run_dir, keep_last=cfg.train.keep_last)
     start = 0
     resume_from = ckpts.latest_valid() if cfg.train.resume == "auto" else (
         None if cfg.train.resume == "none" else Path(cfg.train.resume))

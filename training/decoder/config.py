@@ -121,7 +121,7 @@ class DistillConfig:
     teacher: str = ""  # teacher checkpoint dir (train-decoder output); empty = <run_dir>/decoder/checkpoints
     substeps: int = 4  # fine-grid intervals per student interval (consistency grid N = steps * substeps)
     teacher_cfg_scale: float = 1.0  # guidance baked into the student (w; 1 = none)
-    train_steps: int = 600
+    train_steps: int = 400
     batch_size: int = 32
     lr: float = 2.0e-4
     weight_decay: float = 0.0

@@ -144,8 +144,8 @@ def decoder_meta(dcfg, sampler: str, steps: int, extra: dict | None = None) -> d
     return {"decoder": asdict(dcfg), "sampler": sampler, "steps": steps, **(extra or {})}
 
 
-def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
-    """Train the flow-matching teacher; returns its checkpoint dir (<run_dir>/decoder/checkpoints)."""
+def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple[Path, TokenDecoder]:
+    """Train the flow-matching teacher; returns its checkpoint dir (<run_dir>/decoder/checkpoints) and the model."""
     d = cfg.decoder
     torch.manual_seed(d.seed)
     out = Path(cfg.run_dir) / "decoder"
@@ -198,7 +198,7 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
     if rank == 0:
         print(f"train-decoder: {d.train_steps - start} steps in {time.time() - t0:.1f}s, final loss {loss_v:.4f}, "
               f"checkpoint {ckpt_dir}")
-    return ckpt_dir
+    return ckpt_dir, module
 
 
 def load_decoder(source, use_ema: bool = True) -> tuple[TokenDecoder, dict]:

@@ -69,6 +69,7 @@ class DeepSpeedEngine(Engine):
         from deepspeed.utils import groups
 
         rank, world, device, backend = init_distributed()
+        os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed asserts it, also for a plain single process
         if world == 1 and not dist.is_initialized():
             dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(), rank=0,
                                     world_size=1)
@@ -132,10 +133,21 @@ class DeepSpeedEngine(Engine):
         skipped = bool(getattr(self.optimizer, "overflow", False)) or not math.isfinite(norm)
         return {"grad_norm": norm, "skipped": skipped}
 
-    # ---- optimizer state in model space (deepspeed's safe_get/set_full_* helpers, collective under ZeRO) -------
+    # ---- optimizer state in model space ---------------------------------------------------------------------
+    # ZeRO 1/2/3 keep fp32 master partitions: deepspeed's safe_get/set_full_* helpers move whole-parameter state in
+    # and out (collective). ZeRO-0 steps the client torch optimizer on the model params directly.
+    def _zero(self) -> bool:
+        return self.cfg.parallel.zero_stage > 0
+
     def _get_optim_state(self):
-        from deepspeed.utils import safe_get_full_optimizer_state
         out = {}
+        if not self._zero():
+            for n, p in self._module.named_parameters():
+                st = self.optimizer.state.get(p, {})
+                if "exp_avg" in st:
+                    out[n] = {k: st[k] for k in MOMENTS}
+            return out
+        from deepspeed.utils import safe_get_full_optimizer_state
         for n, p in self._module.named_parameters():
             st = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
             if all(v is not None for v in st.values()):
@@ -143,15 +155,28 @@ class DeepSpeedEngine(Engine):
         return out
 
     def _set_optim_state(self, states, step: int) -> None:
+        if not states:
+            return
+        if not self._zero():
+            for n, p in self._module.named_parameters():
+                self.optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                           **{k: states[n][k].to(p.device).clone() for k in MOMENTS}}
+            return
         from deepspeed.utils import safe_set_full_optimizer_state
+        base = self.optimizer.optimizer
+        # A fresh ZeRO optimizer creates its AdamW state lazily at the first step; create it now on the fp32
+        # partitions and link it to the parameters, then fill it.
+        for group in base.param_groups:
+            for flat in group["params"]:
+                if not base.state.get(flat):
+                    base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                        "exp_avg_sq": torch.zeros_like(flat)}
+        self.optimizer._lazy_init_hp_params_optimizer_state()
         for n, p in self._module.named_parameters():
-            if n in states:
-                for k in MOMENTS:
-                    safe_set_full_optimizer_state(p, states[n][k].to(p.device), k)
-        base = getattr(self.optimizer, "optimizer", self.optimizer)
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(p, states[n][k].to(p.device), k)
         for st in base.state.values():
-            if "step" in st:
-                st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
+            st["step"] = torch.tensor(float(step))
 
     def _optim_step(self) -> int:
         base = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -161,6 +186,8 @@ class DeepSpeedEngine(Engine):
         return 0
 
     def _after_load_params(self) -> None:
+        if not self._zero():
+            return
         from deepspeed.utils import safe_set_full_fp32_param
         for p in self._module.parameters():
             safe_set_full_fp32_param(p, p.detach().clone())

@@ -192,7 +192,14 @@ class MegatronEngine(Engine):
         with compat.cpu_device_mode():
             for opt in self.optimizer.chained_optimizers:
                 if not opt.optimizer.state:
+                    # megatron creates the AdamW state with a zero-grad step; with lr=0 so that weight decay
+                    # cannot touch the just-loaded weights (fp32 main params alias the model params).
+                    saved = [(g["lr"], g["weight_decay"]) for g in opt.optimizer.param_groups]
+                    for g in opt.optimizer.param_groups:
+                        g["lr"], g["weight_decay"] = 0.0, 0.0
                     opt._init_optimizer_states_with_dummy_values()
+                    for g, (lr, wd) in zip(opt.optimizer.param_groups, saved):
+                        g["lr"], g["weight_decay"] = lr, wd
         for n, p in self._module.named_parameters():
             opt, rng = self._owning(p)
             if rng is None:

@@ -1,0 +1,145 @@
+"""Engine pieces: layout validation, the reshardable shard format, non-finite steps, the EP dispatcher when a rank
+receives no tokens."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.dist_helpers import run_distributed
+from tests.engine_cases import batch, loss_fn, make_cfg
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+# ---- impossible layouts fail before any work, naming the key ---------------------------------------------------
+
+@pytest.mark.unit
+@pytest.mark.parametrize("overrides,world,key", [
+    ({"tp": 4}, 2, "parallel.tensor"),  # TP larger than the world
+    ({"tp": 2, "ep": 4}, 2, "parallel.expert"),  # EP larger than the world
+    ({"ep": 2}, 8, "train.global_batch_size"),  # 8 DP ranks x micro batch 2 > global batch 4
+])
+def test_check_layout_rejects_impossible_worlds(overrides, world, key):
+    from training.config import ConfigError
+    from training.engines.world import check_layout
+    with pytest.raises(ConfigError, match=key):
+        check_layout(make_cfg(**overrides), world)
+
+
+@pytest.mark.unit
+def test_config_and_engines_reject_unsupported_layouts():
+    from training.config import ConfigError
+    with pytest.raises(ConfigError, match="model.num_experts"):
+        make_cfg(ep=3)  # 8 experts do not split over 3 ranks
+    with pytest.raises(ConfigError, match="model.num_attention_heads"):
+        make_cfg(tp=3)
+    from training.engines.megatron import MegatronEngine
+    with pytest.raises(ConfigError, match="parallel.expert_tensor=2"):
+        MegatronEngine(make_cfg("megatron", extra=("parallel.expert_tensor=2",)))
+    from training.engines.deepspeed import DeepSpeedEngine
+    with pytest.raises(ConfigError, match="parallel.tensor=2"):
+        DeepSpeedEngine(make_cfg("deepspeed", tp=2))
+    with pytest.raises(ConfigError, match="parallel.zero_stage=3"):
+        DeepSpeedEngine(make_cfg("deepspeed", ep=2, zero=3))
+
+
+# ---- shard format: write under one layout, read under another -------------------------------------------------
+
+@pytest.mark.unit
+def test_shard_format_reads_any_box_from_pieces_of_another_layout(tmp_path):
+    from training.engines.shard_format import ShardReader, write_meta, write_rank_shards
+    from training.engines.sharding import ShardSpec
+    full = torch.randn(12, 10)
+    # "saved" as 3 row blocks by 3 ranks, plus a scalar-ish replicated tensor on rank 0
+    for r in range(3):
+        write_rank_shards(tmp_path, r, [("w", (12, 10), (4 * r, 0), (4, 10), full[4 * r:4 * r + 4])]
+                          + ([("b", (3,), (0,), (3,), torch.arange(3.0))] if r == 0 else []))
+    write_meta(tmp_path, {"layout": {}})
+    rd = ShardReader(tmp_path)
+    torch.testing.assert_close(rd.read_full("w"), full)
+    col = ShardSpec((12, 10), dim=1, pieces=[(0, 5, 5)], kind="tp")  # a column shard: crosses all row blocks
+    torch.testing.assert_close(rd.read_local("w", col), full[:, 5:])
+    qkv = ShardSpec((12, 10), dim=0, pieces=[(0, 2, 2), (2, 6, 1), (3, 9, 3)], kind="tp")  # fused 3-piece rows
+    torch.testing.assert_close(rd.read_local("w", qkv), torch.cat([full[2:4], full[6:7], full[9:12]]))
+    assert rd.read_full("b").tolist() == [0.0, 1.0, 2.0]
+    (tmp_path / "shards" / "rank00001.json").unlink()  # a lost shard is an error, never silent zeros
+    with pytest.raises(ValueError, match="covered"):
+        ShardReader(tmp_path).read_full("w")
+
+
+# ---- non-finite gradients: no update, grads cleared, every rank agrees ----------------------------------------
+
+@pytest.mark.unit
+def test_native_nonfinite_step_is_skipped():
+    from training.engines.native import NativeEngine
+    eng = NativeEngine(make_cfg("native"))
+    before = {n: p.detach().clone() for n, p in eng.model.named_parameters()}
+    ids, tgt = batch(eng.cfg, 0)
+    eng.backward(loss_fn(eng.model, ids, tgt) * float("nan"))
+    out = eng.step(1e-3)
+    assert out["skipped"] and out["grad_norm"] != out["grad_norm"]
+    assert all(torch.equal(p, before[n]) for n, p in eng.model.named_parameters())
+    assert all(p.grad is None for p in eng.model.parameters())
+    eng.backward(loss_fn(eng.model, ids, tgt))
+    assert not eng.step(1e-3)["skipped"]  # the next good step trains normally
+
+
+def _nonfinite(rank, world, engine):
+    from training.engines import build_engine
+    cfg = make_cfg(engine, ep=2)
+    eng = build_engine(cfg)
+    before = {n: p.detach().clone() for n, p in eng.unwrap().named_parameters()}
+    ids, tgt = batch(cfg, 0)
+    sl = slice(2 * rank, 2 * rank + 2)
+    loss = loss_fn(eng.model, ids[sl], tgt[sl])
+    eng.backward(loss * (float("inf") if rank == 1 else 1.0))  # only one rank sees the overflow
+    out = eng.step(1e-3)
+    unchanged = all(torch.equal(p, before[n]) for n, p in eng.unwrap().named_parameters())
+    eng.backward(loss_fn(eng.model, ids[sl], tgt[sl]))
+    out2 = eng.step(1e-3)
+    return out["skipped"], unchanged, out2["skipped"]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("engine", ["native", "megatron", "deepspeed"])
+def test_nonfinite_step_skipped_on_all_ranks(engine):
+    res = run_distributed(_nonfinite, 2, engine)
+    assert res == [(True, True, False)] * 2
+
+
+# ---- expert parallel dispatcher with a rank that receives no tokens -----------------------------------------
+
+def _starved(rank, world):
+    import torch.distributed as dist
+    from tests.dist_helpers import init_gloo
+    from training.engines.expert_parallel import AllToAllDispatcher
+    from training.model.moe import Experts, LocalDispatcher
+    init_gloo()
+    torch.manual_seed(0)
+    full = Experts(4, 8, 6, "off")
+    for p in full.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    mine = Experts(2, 8, 6, "off")
+    with torch.no_grad():
+        for a, b in zip(mine.parameters(), full.parameters()):
+            a.copy_(b[2 * rank:2 * rank + 2])
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(rank))
+    idx = torch.randint(0, 2, (5, 2), generator=torch.Generator().manual_seed(10 + rank))  # experts 0,1 only
+    xd, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = AllToAllDispatcher(dist.group.WORLD, 2)(mine, xd, idx, 4)
+    ref = LocalDispatcher()(full, xl, idx, 4)
+    out.pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    return (float((out - ref).abs().max()), float((xd.grad - xl.grad).abs().max()),
+            [float(p.grad.abs().max()) for p in mine.parameters()])
+
+
+@pytest.mark.dist
+def test_ep_dispatch_when_one_rank_gets_no_tokens():
+    res = run_distributed(_starved, 2)
+    for out_err, dx_err, _ in res:
+        assert out_err < 1e-5 and dx_err < 1e-5
+    assert all(g > 0 for g in res[0][2])  # rank 0 holds the used experts
+    assert res[1][2] == [0.0, 0.0, 0.0]  # rank 1 got no tokens: zero (not missing) grads
