@@ -58,23 +58,17 @@ def cmd_hf_import(cfg, args) -> int:
 
 
 def cmd_hf_export(cfg, args) -> int:
-    """Load a checkpoint saved under any layout into one process and write the official HF layout."""
+    """Read a checkpoint saved under any engine and layout (no process group needed) and write the HF layout."""
     import torch
 
     from training.checkpoint import CheckpointManager
-    from training.engines import build_engine
+    from training.engines.shard_format import full_state_dict_from_checkpoint
     from training.hf_format import export_hf
 
     ckpt = Path(args.checkpoint) if args.checkpoint else CheckpointManager(cfg.run_dir).latest_valid()
     if ckpt is None:
         raise ConfigError(f"no valid checkpoint under {cfg.run_dir / 'checkpoints'}; pass --checkpoint DIR")
-    single = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1, expert=1,
-                                                                   expert_tensor=1, pipeline=1),
-                                 train=dataclasses.replace(cfg.train, engine="native"))
-    engine = build_engine(single)
-    engine.load(ckpt)
-    state = engine.full_state_dict()
-    out = export_hf(state, engine.unwrap().config, args.out, dtype=getattr(torch, args.dtype))
+    out = export_hf(full_state_dict_from_checkpoint(ckpt), cfg.model, args.out, dtype=getattr(torch, args.dtype))
     print(f"exported {ckpt} -> {out}")
     return 0
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from training.config import ConfigError
 
 
-def check_world(cfg, nodes: int, ranks_per_node: int, gpus_per_node: int = 0) -> int:
+def check_world(cfg, nodes: int, ranks_per_node: int, gpus_per_node: int = 0, train_batch: bool = True) -> int:
     """Raise ConfigError naming the flag/key to change when `nodes x ranks_per_node` ranks cannot all work on
-    this config; return the data-parallel size."""
+    this config; return the data-parallel size. `train_batch`: also check the backbone's train batch (for `train`)."""
     p, t = cfg.parallel, cfg.train
     world = nodes * ranks_per_node
     where = f"{nodes} node(s) x {ranks_per_node} rank(s) = {world} ranks"
@@ -25,7 +25,7 @@ def check_world(cfg, nodes: int, ranks_per_node: int, gpus_per_node: int = 0) ->
                           f"parallel.tensor x parallel.pipeline = {p.tensor * p.pipeline} and of parallel.expert x "
                           f"parallel.expert_tensor = {p.expert * p.expert_tensor}") from None
     per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
+    if train_batch and t.global_batch_size % per_step:
         usable = t.global_batch_size // t.micro_batch_size
         raise ConfigError(f"{where} gives {dp} data-parallel ranks, but train.global_batch_size="
                           f"{t.global_batch_size} is not a multiple of train.micro_batch_size x data-parallel = "

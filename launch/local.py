@@ -50,7 +50,7 @@ def cmd_launch_local(cfg, args) -> int:
     if nproc < 0:
         raise ConfigError(f"--nproc {nproc} is not allowed: must be >= 0 (0 = one per GPU, or 1)")
     nproc = nproc or _visible_gpus() or 1
-    check_world(cfg, 1, nproc)
+    check_world(cfg, 1, nproc, train_batch=command == "train")
     # The same words the user gave (config + overrides): ranks resolve the config exactly as this process did.
     words = [w for w in args.words if w.endswith((".yaml", ".yml")) or ("=" in w and not w.startswith("-"))]
     argv = torchrun_argv(nproc, command, words)

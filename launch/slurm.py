@@ -1,4 +1,4 @@
-"""`unidiff launch slurm CONFIG --nodes N --gpus-per-node G ...`: render an sbatch script into the run dir and submit it.
+"""`unidiff launch slurm CONFIG --nodes N --gpus-per-node G ...`: render an sbatch script into the run dir, submit it.
 
     runs/<name>/slurm/config.yaml        the resolved config every rank (and every requeue) reads
     runs/<name>/slurm/train.sbatch       the script (readable; its header says how it was made); resubmit with sbatch
@@ -203,7 +203,7 @@ def _argv_text(args) -> str:
 
 def launch_slurm(cfg, args, rank_command: str | None = None) -> list[str]:
     """Render (and unless args.dry_run, write and submit) the job(s). Returns the job ids (empty on a dry run).
-    `rank_command` replaces what each rank runs (tests use it for a stand-in workload)."""
+    `rank_command` replaces what each rank / array task runs (tests use it for a stand-in workload)."""
     lc = resolve(cfg, args)
     run_dir = cfg.run_dir.resolve()
     slurm_dir = run_dir / "slurm"
@@ -211,13 +211,13 @@ def launch_slurm(cfg, args, rank_command: str | None = None) -> list[str]:
     config_snapshot = slurm_dir / "config.yaml"
     dry = bool(getattr(args, "dry_run", False))
     if getattr(args, "array", False):
-        return _launch_array(cfg, args, lc, slurm_dir, workdir, config_snapshot, dry)
+        return _launch_array(cfg, args, lc, slurm_dir, workdir, config_snapshot, dry, rank_command)
     command = getattr(args, "command", None) or "train"
     from launch.cli import COMMANDS
 
     if command not in COMMANDS:
         raise ConfigError(f"--command {command} is not a unidiff command; allowed: {', '.join(sorted(COMMANDS))}")
-    check_world(cfg, lc.nodes, lc.ranks_per_node(), lc.gpus_per_node)
+    check_world(cfg, lc.nodes, lc.ranks_per_node(), lc.gpus_per_node, train_batch=command == "train")
     script_path = slurm_dir / f"{command.replace(' ', '-')}.sbatch"
     text = render_train_script(lc, cfg.run.name, slurm_dir, workdir,
                                rank_command or unidiff_command(command, config_snapshot), script_path,
@@ -239,7 +239,8 @@ def launch_slurm(cfg, args, rank_command: str | None = None) -> list[str]:
     return [job]
 
 
-def _launch_array(cfg, args, lc, slurm_dir: Path, workdir: Path, config_snapshot: Path, dry: bool) -> list[str]:
+def _launch_array(cfg, args, lc, slurm_dir: Path, workdir: Path, config_snapshot: Path, dry: bool,
+                  task_command: str | None = None) -> list[str]:
     shards = raw_shards(cfg.data)
     if not shards:
         raise ConfigError(f"data.raw_dir={cfg.data.raw_dir} holds no raw shards (train/*.tar, val/*.tar): run "
@@ -248,7 +249,8 @@ def _launch_array(cfg, args, lc, slurm_dir: Path, workdir: Path, config_snapshot
     array_path = slurm_dir / "pretokenize-array.sbatch"
     header = _header("SLURM job array for `unidiff pretokenize`", _argv_text(args))
     array, merge = render_array_scripts(lc, cfg.run.name, slurm_dir, workdir,
-                                        unidiff_command("pretokenize", config_snapshot), len(shards), merge_path,
+                                        task_command or unidiff_command("pretokenize", config_snapshot),
+                                        len(shards), merge_path,
                                         header)
     tasks = -(-len(shards) // lc.shards_per_task)
     if dry:
@@ -256,12 +258,15 @@ def _launch_array(cfg, args, lc, slurm_dir: Path, workdir: Path, config_snapshot
         return []
     _tool("sbatch")
     check_partition(lc.partition)
+    check_not_running(slurm_dir)
     slurm_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, config_snapshot)
     array_path.write_text(array)
     merge_path.write_text(merge)
     array_job = submit(array_path)
     merge_job = submit(merge_path, [f"--dependency=afterok:{array_job}", "--kill-on-invalid-dep=yes"])
+    with open(slurm_dir / "jobs.txt", "a") as f:
+        f.write(f"{array_job}\n{merge_job}\n")
     print(f"submitted pretokenize array job {array_job} ({tasks} task(s) over {len(shards)} raw shard(s)) and "
           f"merge job {merge_job}; scripts in {slurm_dir}")
     return [array_job, merge_job]

@@ -152,7 +152,7 @@ class SlurmCluster:
         host = socket.gethostname().split(".")[0]
         nodes = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={ncpu} "
                           f"RealMemory={mem_mb} State=UNKNOWN" for n, p in zip(self.nodes, node_ports))
-        return f"""# Written by tests/slurm_cluster.py: a throw-away cluster on loopback ({len(self.nodes)} emulated nodes).
+        return f"""# Written by tests/slurm_cluster.py: throw-away cluster on loopback, {len(self.nodes)} emulated nodes.
 ClusterName=unidiff-ci
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}

@@ -170,7 +170,8 @@ for step in range(start, steps):
     dist.all_reduce(g)
     x = x - 0.01 * float(g)
     if log:
-        log.write(json.dumps({"step": step, "loss": x * x, "restart": os.environ.get("SLURM_RESTART_COUNT", "0")}) + "\n")
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        log.write(json.dumps({"step": step, "loss": x * x, "restart": restart}) + "\n")
         log.flush()
     time.sleep(step_s)
     flag = torch.tensor([int(bool(stop))])
@@ -199,7 +200,8 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm_env, tmp_path):
     (tmp_path / "stand_in.py").write_text(STAND_IN)
     steps = 100  # 0.5 s each: 50 s of work, longer than the at most ~40 s until the signal below
     cfg = load_config(TINY, [f"run.dir={tmp_path / 'runs'}", "run.name=timer"])
-    # Limit 2 min, lead 80 s: slurmctld sends the signal at its first 30-s check past start + 10 s.
+    # Limit 2 min, lead 80 s: due 40 s in; slurmctld checks limits about every 30 s and may send it early (here it
+    # came 28 s after the start). The work (50 s) outlasts that, so the first segment is always interrupted.
     [job] = launch_slurm(cfg, launch_args(nodes=2, time="2", signal_lead=80),
                          rank_command=f"{sys.executable} {tmp_path / 'stand_in.py'} {run_dir} {steps} 0.5")
     with pytest.raises(LaunchError, match=f"job {job} of this run .* is still (PENDING|RUNNING)"):
@@ -301,6 +303,50 @@ def test_preempted_job_resumes_with_identical_losses_and_wandb_run(slurm_env, un
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs), runs  # one wandb run, two segments
+
+
+# A TEST WORKLOAD standing in for `unidiff pretokenize --shards A:B | --merge`: it records which raw shards each
+# array task was given, and the merge fails unless every shard was done before it started.
+STAND_IN_PRETOKENIZE = r'''
+import json, os, sys
+from pathlib import Path
+raw, out, flag = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+shards = [p for split in ("train", "val") for p in sorted((raw / split).glob("*.tar"))]
+out.mkdir(parents=True, exist_ok=True)
+if flag == "--shards":
+    a, b = map(int, sys.argv[4].split(":"))
+    for i in range(a, b):
+        (out / f"{shards[i].parent.name}-{shards[i].name}.done").write_text(str(i))
+    with open(out / "tasks.log", "a") as f:
+        f.write(f"{os.environ['SLURM_ARRAY_TASK_ID']} {a}:{b}\n")
+else:
+    missing = [p.name for p in shards if not (out / f"{p.parent.name}-{p.name}.done").exists()]
+    if missing:
+        sys.exit(f"merge: shards not done: {missing}")
+    (out / "manifest.json").write_text(json.dumps(sorted(p.name for p in out.glob("*.done"))))
+'''
+
+
+@pytest.mark.slurm
+def test_array_tasks_tile_the_shards_and_merge_runs_after_all(slurm_env, tmp_path):
+    """The job array + afterok merge job on the real scheduler, with a stand-in per-shard command."""
+    cluster = slurm_env
+    raw = tmp_path / "raw"
+    for split, n in (("train", 5), ("val", 2)):
+        (raw / split).mkdir(parents=True)
+        for i in range(n):
+            (raw / split / f"{split}-{i:06d}.tar").write_bytes(b"")
+    (tmp_path / "pt.py").write_text(STAND_IN_PRETOKENIZE)
+    cfg = load_config(TINY, [f"run.dir={tmp_path / 'runs'}", "run.name=arr", f"data.raw_dir={raw}"])
+    array_job, merge_job = launch_slurm(cfg, launch_args(array=True, shards_per_task=3),
+                                        rank_command=f"{sys.executable} {tmp_path / 'pt.py'} {raw} {tmp_path / 'out'}")
+    info = cluster.wait_state(merge_job, FINAL, timeout_s=180)
+    assert info["JobState"] == "COMPLETED", job_logs(tmp_path / "runs" / "arr")
+    tasks = sorted(tuple(line.split()) for line in (tmp_path / "out" / "tasks.log").read_text().splitlines())
+    assert tasks == [("0", "0:3"), ("1", "3:6"), ("2", "6:7")]
+    assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())) == 7
+    assert info["Dependency"] in ("(null)", ""), info  # the afterok dependency was satisfied, not dropped
+    assert cluster.job(f"{array_job}_0").get("JobState") == "COMPLETED"
 
 
 def _pretokenize_supports_shards() -> str | None:

@@ -45,6 +45,11 @@ class DecoderConfig:
     t_mid_dim: int = 256  # hidden width of the timestep MLP (released: 1024)
     t_scale: float = 1000.0  # t in [0,1] is multiplied by this before the sinusoidal embedding
     rope_theta: float = 256.0
+    # RoPE ids of condition tokens: sequence = released, token k at (k+1, 0, 0) (the model must learn which token
+    # belongs to which patch, feasible when fine-tuning the release); grid = token at (1, h, w) of its upsampled cell,
+    # so attention finds its own cell by relative position (from scratch at toy scale the release layout stalled at
+    # the unconditional loss within the CPU budget).
+    cap_rope: str = "grid"
     axes_dims: list[int] = field(default_factory=lambda: [8, 12, 12])  # RoPE dims over (sequence, h, w); sum = head_dim
     axes_lens: list[int] = field(default_factory=lambda: [1024, 512, 512])  # max position per RoPE axis
     sigvq_trainable: bool = True  # toy: learn the id embedding; released SigVQ weights are frozen
@@ -108,6 +113,7 @@ class DecoderConfig:
         _check(self.steps >= 1, "decoder.steps", self.steps, ">= 1")
         _check(self.sample_shift > 0, "decoder.sample_shift", self.sample_shift, "> 0")
         _check(self.train_shift >= 0, "decoder.train_shift", self.train_shift, ">= 0 (0 = resolution-dependent)")
+        _check(self.cap_rope in ("grid", "sequence"), "decoder.cap_rope", self.cap_rope, "grid | sequence")
         _check(self.sampler in ("euler", "turbo"), "decoder.sampler", self.sampler, "euler | turbo")
         _check(self.resume in ("auto", "none"), "decoder.resume", self.resume, "auto | none")
         _check(self.train_steps >= 1 and self.batch_size >= 1, "decoder.train_steps", self.train_steps,

@@ -174,7 +174,9 @@ class DiT(nn.Module):
             nn.init.zeros_(blk.adaLN_modulation[0].weight)
 
     def _rope(self, n_cap: int, gh: int, gw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids as released: cap k -> (k+1, 0, 0); patch (h, w) -> (Ncap_padded + 1, h, w); pads -> 0."""
+        """Position ids as released: cap k -> (k+1, 0, 0); patch (h, w) -> (Ncap_padded + 1, h, w); pads -> 0.
+
+        cap_rope=grid: cap k -> (1, h_k, w_k), its cell on the DiT grid (the condition is upsampled to that grid)."""
         key = (n_cap, gh, gw, str(device))
         if key not in self._rope_cache:
             n_img, cap_pad = gh * gw, n_cap + _pad_len(n_cap)
@@ -182,7 +184,10 @@ class DiT(nn.Module):
             img = torch.stack([torch.full_like(hh, cap_pad + 1), hh, ww], -1).reshape(-1, 3)
             img = torch.cat([img, torch.zeros(_pad_len(n_img), 3, dtype=img.dtype)])
             cap = torch.zeros(cap_pad, 3, dtype=torch.long)
-            cap[:n_cap, 0] = torch.arange(1, n_cap + 1)
+            if self.cfg.cap_rope == "grid" and n_cap == n_img:
+                cap[:n_cap] = torch.stack([torch.ones_like(hh), hh, ww], -1).reshape(-1, 3)
+            else:
+                cap[:n_cap, 0] = torch.arange(1, n_cap + 1)
             pos = torch.cat([img, cap])
             cos, sin = rope_tables(pos, list(self.cfg.axes_dims), self.cfg.rope_theta)
             self._rope_cache[key] = (cos.to(device), sin.to(device), img.shape[0])

@@ -184,7 +184,7 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
         loss = flow_loss(stepper.engine, latent.encode(images), ids, d, gen)
         gnorm = stepper.step(loss)
         ema.update(module)
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         if log is not None and (step + 1) % d.log_every == 0:
             log(step + 1, {"decoder/loss": loss_v, "decoder/lr": stepper.lr(), "decoder/grad_norm": gnorm})
         bar.set_postfix(loss=f"{loss_v:.4f}")
@@ -271,7 +271,7 @@ def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
         loss = distill_loss(student, latent.encode(images), ids, dc, teacher, gen)
         gnorm = stepper.step(loss)
         ema.update(student)
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         if (step + 1) % dc.log_every == 0:
             log(step + 1, {"distill/loss": loss_v, "distill/grad_norm": gnorm})
         bar.set_postfix(loss=f"{loss_v:.4f}")

@@ -167,6 +167,43 @@ class Engine:
         self._after_load_params()
 
     @torch.no_grad()
+    def load_hf(self, path) -> dict:
+        """Initialise the weights from an HF-format checkpoint dir (official names, per-expert tensors), streamed
+        tensor by tensor; each rank keeps only its shard. Optimizer state is untouched (fresh)."""
+        from training.hf_format import _EXPERT_KEY, _shard_files, load_hf_weights
+        from safetensors import safe_open
+        own = self._local_tensors()
+        if all(self.specs[n].is_full for n in own):
+            report = load_hf_weights(self.unwrap(), path)
+            self._after_load_params()
+            return report
+        want = {n: (self.specs[n].local_shape[0] if self.specs[n].kind == "expert" else 1) for n in own}
+        filled, unexpected = {}, []
+        for f in _shard_files(Path(path)):
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    m = _EXPERT_KEY.match(key)
+                    target, index = (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (key, None)
+                    if target not in own:
+                        unexpected.append(key)
+                        continue
+                    spec, dst = self.specs[target], own[target]
+                    if index is None:
+                        dst.copy_(spec.slice_full(sf.get_tensor(key).to(dst.dtype)))
+                        filled[target] = 1
+                        continue
+                    for local_start, global_start, n in spec.pieces:  # experts: dim 0 = expert id
+                        if global_start <= index < global_start + n:
+                            dst[local_start + index - global_start].copy_(sf.get_tensor(key).to(dst.dtype))
+                            filled[target] = filled.get(target, 0) + 1
+        tied = self.unwrap().config.tie_word_embeddings
+        missing = [n for n, k in want.items() if filled.get(n, 0) != k and not (n == "lm_head.weight" and tied)]
+        if missing or unexpected:
+            raise ValueError(f"HF import of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self._after_load_params()
+        return {"loaded": sum(filled.values()), "missing": [], "unexpected": []}
+
+    @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective. Unsharded weights (and buffers) in the model's own names on rank 0, None elsewhere.
         One full tensor at a time is assembled (reduce of owner-filled zeros), so peak memory is one tensor."""

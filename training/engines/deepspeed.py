@@ -1,4 +1,4 @@
-"""The DeepSpeed engine: deepspeed.initialize with ZeRO 0/1/2 (3 without expert parallelism) around the one
+"""The DeepSpeed engine: deepspeed.initialize with ZeRO 0/1/2 around the one
 LLaDA2MoE, expert parallelism on DeepSpeed's expert-parallel group with the project's all-to-all dispatcher.
 
 CPU (research note section 4): DS_ACCELERATOR=cpu, the shared-memory comm op is stubbed before init (it would JIT
@@ -60,9 +60,11 @@ class DeepSpeedEngine(Engine):
             if getattr(par, key) != 1:
                 raise ConfigError(f"parallel.{key}={getattr(par, key)} is not allowed with train.engine=deepspeed: "
                                   "must be 1 (use train.engine=megatron or native for tensor parallelism)")
-        if par.zero_stage == 3 and par.expert > 1:
-            raise ConfigError(f"parallel.zero_stage=3 is not allowed with parallel.expert={par.expert} on deepspeed: "
-                              "DeepSpeed asserts MoE out of ZeRO-3; use zero_stage 0, 1 or 2")
+        if par.zero_stage == 3:
+            # DeepSpeed asserts its MoE out of ZeRO-3, and without experts sharded ZeRO-3 params would need
+            # GatheredParameters around save/load/full_state_dict, which this engine does not do yet.
+            raise ConfigError(f"parallel.zero_stage=3 is not allowed with train.engine=deepspeed (parallel.expert="
+                              f"{par.expert}): use zero_stage 0, 1 or 2")
         _prepare_cpu()
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
