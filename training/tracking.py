@@ -82,3 +82,23 @@ def _fmt(v) -> str:
 def read_metrics(run_dir: Path) -> list[dict]:
     p = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def read_wandb_history(run_dir: Path) -> list[dict]:
+    """History rows of the newest wandb run under run_dir, read back from the offline `.wandb` file (no server),
+    with wandb's own reader (`wandb leet inspect --json`, wandb >= 0.31)."""
+    import shutil
+    import subprocess
+
+    files = sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no wandb run file under {run_dir}/wandb")
+    exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
+    rows = []
+    for f in files:
+        out = subprocess.run([exe, "leet", "inspect", "--json", str(f)], capture_output=True, text=True, check=True)
+        for line in out.stdout.splitlines():
+            rec = json.loads(line) if line.startswith("{") else {}
+            if rec.get("type") == "history":
+                rows.append(rec["history"]["item"])
+    return rows

@@ -154,11 +154,6 @@ def train(cfg: Config) -> dict:
         skipped = bool(result["skipped"])
         nonfinite_run = nonfinite_run + 1 if skipped else 0
         skipped_total += int(skipped)
-        if nonfinite_run >= cfg.train.max_consecutive_nonfinite:
-            raise FloatingPointError(
-                f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                f"stopping. Lower train.lr (now {cfg.train.lr}) or check the data; the last good checkpoint is "
-                f"{ckpts.latest_valid()}")
 
         moe_metrics = {}
         if router:
@@ -182,6 +177,12 @@ def train(cfg: Config) -> dict:
                 "skipped": int(skipped), "skipped_total": skipped_total, **moe_metrics}
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
             tracker.log(step, last)
+        if nonfinite_run >= cfg.train.max_consecutive_nonfinite:
+            tracker.close()
+            raise FloatingPointError(
+                f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                f"stopping. Lower train.lr (now {cfg.train.lr}) or check the data; the last good checkpoint is "
+                f"{ckpts.latest_valid()}")
 
         steps_this_run += 1
         done = step + 1

@@ -1,0 +1,116 @@
+"""The training loop: exact resume after a stop or a signal, wandb offline read-back, the non-finite guard."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.dist_helpers import run_distributed
+from training.config import load_config
+from training.tracking import read_metrics, read_wandb_history
+
+TINY = ROOT / "configs/model/tiny.yaml"
+BASE = ["data.synthetic=true", "train.seq_len=64", "train.steps=8", "train.warmup_steps=2", "train.decay_steps=3",
+        "train.save_every=0", "train.micro_batch_size=2", "train.global_batch_size=4", "train.precision=fp32",
+        "diffusion.block_schedule=[[0,16],[4,0]]"]
+
+
+def _cfg(tmp_path, name, *extra):
+    return load_config(TINY, [*BASE, f"run.dir={tmp_path}", f"run.name={name}", *extra])
+
+
+def _losses(run_dir):
+    rows = read_metrics(run_dir)
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows}
+
+
+def _train(cfg):
+    from training.trainer import train
+
+    return train(cfg)
+
+
+@pytest.mark.unit
+def test_stop_and_resume_gives_bit_identical_losses(tmp_path):
+    _train(_cfg(tmp_path, "whole", "tracking.wandb=disabled"))
+    _train(_cfg(tmp_path, "split", "tracking.wandb=disabled", "train.stop_after=3"))
+    assert sorted(_losses(tmp_path / "split")) == [0, 1, 2]
+    _train(_cfg(tmp_path, "split", "tracking.wandb=disabled"))  # train.resume=auto picks up step 3
+    whole, split = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
+    assert sorted(split) == list(range(8))
+    assert split == whole  # exact float equality, step by step, across the block-size switch at step 4
+
+
+def _dist_train(rank, world, tmp_path, name, extra):
+    cfg = _cfg(tmp_path, name, "tracking.wandb=disabled", "parallel.expert=2", *extra)
+    _train(cfg)
+    return True
+
+
+@pytest.mark.dist
+def test_expert_parallel_stop_and_resume_matches_uninterrupted(tmp_path):
+    run_distributed(_dist_train, 2, tmp_path, "whole", [])
+    run_distributed(_dist_train, 2, tmp_path, "split", ["train.stop_after=5"])
+    run_distributed(_dist_train, 2, tmp_path, "split", [])
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+
+
+@pytest.mark.e2e
+def test_sigterm_saves_and_the_rerun_resumes_with_the_same_wandb_run(tmp_path):
+    words = [sys.executable, "-m", "launch.cli", "train", str(TINY), *BASE, "train.steps=40",
+             f"run.dir={tmp_path}", "run.name=sig"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(words, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # wait until it is really training, then preempt it like SLURM does
+        seen.append(line)
+        if line.startswith("step      3"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 0, "".join(seen) + rest
+    assert "checkpoint saved" in rest
+    run_dir = tmp_path / "sig"
+    first = _losses(run_dir)
+    stopped_at = max(first) + 1
+    assert 4 <= stopped_at < 40
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    r = subprocess.run(words, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"at step {stopped_at}" in r.stderr
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    assert sorted(_losses(run_dir)) == list(range(40))
+    history = read_wandb_history(run_dir)  # the metrics really went to wandb, both before and after the resume
+    by_step = {int(h["_step"]): h for h in history}
+    assert set(by_step) == set(range(40))
+    jsonl = _losses(run_dir)
+    for step in (0, stopped_at - 1, stopped_at, 39):
+        assert by_step[step]["loss"] == pytest.approx(jsonl[step][0])
+    assert all(run_id in p.name for p in run_dir.glob("wandb/*run-*"))
+
+
+@pytest.mark.unit
+def test_non_finite_steps_are_skipped_then_stop_with_a_clear_message(tmp_path, monkeypatch):
+    import training.diffusion as diffusion
+
+    real = diffusion.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, cfg, step, specials, generator=None):
+        loss, metrics = real(model, batch, cfg, step, specials, generator)
+        calls["n"] += 1
+        return (loss * float("nan") if step >= 2 else loss), metrics
+
+    monkeypatch.setattr(diffusion, "diffusion_loss", poisoned)
+    cfg = _cfg(tmp_path, "nan", "tracking.wandb=disabled", "train.max_consecutive_nonfinite=3")
+    with pytest.raises(FloatingPointError, match="3 consecutive steps had a non-finite loss"):
+        _train(cfg)
+    rows = read_metrics(tmp_path / "nan")
+    assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1]
+    assert rows[-1]["skipped_total"] == 3
