@@ -175,21 +175,43 @@ def _run(job: tuple[str, str]) -> dict:
     return _WORKER.tokenize_shard(Path(job[0]), Path(job[1]))
 
 
-def pretokenize(dcfg, workers: int | None = None, progress: bool = True) -> dict:
+def list_raw_shards(dcfg) -> list[Path]:
+    raw = Path(dcfg.raw_dir)
+    return [p for split in ("train", "val") for p in sorted((raw / split).glob("*.tar"))]
+
+
+def _finished(p: Path, o: Path, fp) -> bool:
+    idx = read_index(o)
+    return bool(idx and idx["fingerprint"] == fp and idx["input_bytes"] == p.stat().st_size and o.exists())
+
+
+def merge_manifest(dcfg) -> dict:
+    out = Path(dcfg.token_dir)
+    probe = ShardTokenizer(dcfg)
+    fp = probe.fingerprint()
+    missing = [str(p) for p in list_raw_shards(dcfg) if not _finished(p, out / p.parent.name / p.name, fp)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} raw shards have no finished token shard: {missing[:5]}")
+    vocab = {"image_token_offset": probe.offset, "vocab_size": probe.vocab_size,
+             "codebook_size": probe.image.codebook_size, "text_vocab_size": probe.text.vocab_size}
+    return build_manifest(out, fp, vocab)
+
+
+def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=None) -> dict:
     raw, out = Path(dcfg.raw_dir), Path(dcfg.token_dir)
     probe = ShardTokenizer(dcfg)  # fails fast on missing tokenizers, before any worker starts
     fp = probe.fingerprint()
     jobs, skipped = [], 0
-    for split in ("train", "val"):
-        ins = sorted((raw / split).glob("*.tar"))
-        (out / split).mkdir(parents=True, exist_ok=True)
-        for p in ins:
-            o = out / split / p.name
-            idx = read_index(o)
-            if idx and idx["fingerprint"] == fp and idx["input_bytes"] == p.stat().st_size and o.exists():
-                skipped += 1
-                continue
-            jobs.append((str(p), str(o)))
+    ins = list_raw_shards(dcfg)
+    if shards is not None:
+        ins = ins[shards[0]:shards[1]]
+    for p in ins:
+        o = out / p.parent.name / p.name
+        o.parent.mkdir(parents=True, exist_ok=True)
+        if _finished(p, o, fp):
+            skipped += 1
+            continue
+        jobs.append((str(p), str(o)))
     if not jobs and not skipped:
         raise FileNotFoundError(f"no raw shards under {raw}/train or {raw}/val: run `unidiff data make-sample` "
                                 f"or set data.raw_dir")
@@ -226,6 +248,9 @@ def pretokenize(dcfg, workers: int | None = None, progress: bool = True) -> dict
         if pool is not None:
             pool.close()
             pool.join()
+    if shards is not None:
+        print(f"pretokenize: shards {shards[0]}:{shards[1]}: {len(jobs)} done, {skipped} skipped")
+        return {"shards_done": len(jobs), "shards_skipped": skipped}
     vocab = {"image_token_offset": probe.offset, "vocab_size": probe.vocab_size,
              "codebook_size": probe.image.codebook_size, "text_vocab_size": probe.text.vocab_size}
     manifest = build_manifest(out, fp, vocab)
@@ -241,5 +266,9 @@ def pretokenize(dcfg, workers: int | None = None, progress: bool = True) -> dict
 
 def cmd_pretokenize(cfg, args: argparse.Namespace) -> int:
     """`unidiff pretokenize CONFIG`: optional args.workers (default data.pretokenize_workers)."""
-    pretokenize(cfg.data, getattr(args, "workers", None))
+    if getattr(args, "merge", False):
+        merge_manifest(cfg.data)
+        return 0
+    shards = tuple(map(int, args.shards.split(":"))) if getattr(args, "shards", None) else None
+    pretokenize(cfg.data, getattr(args, "workers", None), shards=shards)
     return 0

@@ -35,6 +35,8 @@ def _flags_out(p):
 
 def _flags_pretokenize(p):
     p.add_argument("--workers", type=int, default=None, help="worker processes over shards")
+    p.add_argument("--shards", default=None, help="A:B: only raw shards A..B-1 (train then val, sorted); no manifest")
+    p.add_argument("--merge", action="store_true", help="check every shard is finished, then write manifest.json")
 
 
 # name -> (target "module:function", flag adder or None, help)
@@ -98,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    stray = [w for w in unknown if "=" not in w or w.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown:  # overrides written after the flags
+        args.words = [*getattr(args, "words", []), *unknown]
     if not getattr(args, "target", None):
         parser.print_help()
         return 2

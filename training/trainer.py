@@ -90,6 +90,7 @@ def train(cfg: Config) -> dict:
     from training.engines import build_engine
     from training.tracking import Tracker
 
+    stop = _StopFlag()  # first: a pre-timeout signal during start-up must not kill the rank (USR1's default)
     engine = build_engine(cfg)
     w = engine.world
     is_main = w.rank == 0
@@ -128,7 +129,6 @@ def train(cfg: Config) -> dict:
         engine.load_hf(cfg.train.init_from)
 
     tracker = Tracker(cfg, run_dir, enabled=is_main)
-    stop = _StopFlag()
     model_cfg = engine.unwrap().config
     nonfinite_run, skipped_total, step = 0, 0, start
     last = {}

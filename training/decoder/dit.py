@@ -205,12 +205,14 @@ class DiT(nn.Module):
         # patchify: "c (h ph) (w pw) -> (h w) (ph pw c)" (released order, channels last within a patch)
         patches = x.view(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n_img, p * p * c)
         xs = self.all_x_embedder[key](patches)
+        cs = self.semantic_embedder(cap.to(xs.dtype))
+        if self.cfg.cap_add and cap.shape[1] == n_img:
+            xs = xs + cs
         if n_img_pad > n_img:
             xs = torch.cat([xs, self.x_pad_token.expand(b, n_img_pad - n_img, -1).to(xs.dtype)], 1)
         rope_x = (cos[:n_img_pad], sin[:n_img_pad])
         for blk in self.noise_refiner:
             xs = blk(xs, rope_x, adaln)
-        cs = self.semantic_embedder(cap.to(xs.dtype))
         n_cap = cap.shape[1]
         if _pad_len(n_cap):
             cs = torch.cat([cs, self.cap_pad_token.expand(b, _pad_len(n_cap), -1).to(cs.dtype)], 1)

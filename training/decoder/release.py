@@ -25,7 +25,7 @@ def config_overrides(release_dir: str | Path) -> dict:
     out["cap_feat_dim"] = 4096
     out["axes_lens"] = [32768, 1024, 1024]
     out["patch_size"] = int(raw.get("all_patch_size", [2])[0])
-    out.update(latent="vae", t_mid_dim=1024, codebook_size=16384, cap_rope="sequence")
+    out.update(latent="vae", t_mid_dim=1024, codebook_size=16384, cap_rope="sequence", cap_add=False)
     if raw.get("siglip_feat_dim") is not None:
         raise ValueError(f"{release_dir}: siglip_feat_dim={raw['siglip_feat_dim']} (omni variant) is not supported")
     return out
