@@ -66,7 +66,7 @@ def main() -> int:
             checkpoint.load_latest(t_dir)[0] < cfg.decoder.train_steps:
         _, t_train = _timed(lambda: train_decoder(cfg))
     teacher, _ = load_decoder(t_dir)
-    gt, ids = map(torch.stack, zip(*decoder_pairs(cfg.decoder, "holdout")))
+    gt, ids = map(torch.stack, zip(*decoder_pairs(cfg.decoder, "holdout", data_cfg=cfg.data)))
     noise = torch.randn((gt.shape[0], *latent_shape(cfg.decoder)), generator=torch.Generator().manual_seed(7))
     res: dict = {"n_images": int(gt.shape[0]), "teacher_train_s": round(t_train, 1), "config": base}
 

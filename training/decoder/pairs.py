@@ -4,7 +4,7 @@
 - synthetic: each VQ id owns a colour and a pattern (flat, two gradients, a 2x2 checker) that fill its cell, plus a
   per-image brightness offset the ids do not determine. The decoder has a learnable, known answer, and still has
   a distribution to model (the offset), so sampling steps matter.
-- shards: raw image shards tokenized by `data_pipeline` (to be wired by the lead when data_pipeline lands).
+- shards: raw image shards (train / val) tokenized by `data_pipeline` with the run's image tokenizer.
 """
 from __future__ import annotations
 
@@ -49,13 +49,42 @@ def synthetic_batch(cfg, n: int, generator: torch.Generator) -> tuple[torch.Tens
     return render(ids, cfg, offset), ids
 
 
-def decoder_pairs(cfg, split: str = "train", rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (train) or finite (holdout: cfg.holdout pairs) iterator of single pairs for this data rank."""
+def _shard_pairs(cfg, data_cfg, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Raw image shards -> (pixels at the generation crop, VQ ids) via data_pipeline, kept in memory (toy scale).
+    Only images whose crop matches the decoder's square image_size / token_grid are used; the rest are counted."""
+    from data_pipeline.images import iter_image_token_pairs
+
+    kept, skipped = [], 0
+    for pixels, ids, _ in iter_image_token_pairs(data_cfg, split=split):
+        if tuple(ids.shape) == (cfg.token_grid, cfg.token_grid) and pixels.shape[-1] == cfg.image_size:
+            kept.append((pixels.to(torch.float16), ids))
+        else:
+            skipped += 1
+    if not kept:
+        raise ValueError(f"no {cfg.image_size}px / {cfg.token_grid}x{cfg.token_grid}-token images in "
+                         f"{data_cfg.raw_dir}/{split}: do decoder.image_size / decoder.token_grid match "
+                         f"data.image_tokenizer (gen_max_patches, resize_factor, patch_size)?")
+    if skipped:
+        print(f"decoder pairs ({split}): {len(kept)} images used, {skipped} of other sizes skipped", flush=True)
+    return kept
+
+
+def decoder_pairs(cfg, split: str = "train", rank: int = 0, world: int = 1,
+                  data_cfg=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (train) or finite (holdout: cfg.holdout pairs) iterator of single pairs for this data rank.
+    data_cfg: the `data` section, needed for data_source=shards."""
     if cfg.data_source == "shards":
-        # Single wiring point for the real data: read raw image shards with data_pipeline, tokenize with the
-        # image tokenizer, yield (pixels in [-1, 1] resized to cfg.image_size, ids [token_grid, token_grid]).
-        raise NotImplementedError("decoder.data_source=shards is wired when data_pipeline's image tokenizer lands; "
-                                  "use decoder.data_source=synthetic for now")
+        if data_cfg is None:
+            raise ValueError("decoder.data_source=shards needs the data section (data.raw_dir, data.image_tokenizer)")
+        if split == "holdout":
+            for pixels, ids in _shard_pairs(cfg, data_cfg, "val")[:cfg.holdout]:
+                yield pixels.float(), ids
+            return
+        pairs = _shard_pairs(cfg, data_cfg, "train")[rank::world]  # each data-parallel rank its own images
+        g = torch.Generator().manual_seed(cfg.data_seed + rank)
+        while True:  # epochs in a seeded order
+            for i in torch.randperm(len(pairs), generator=g).tolist():
+                yield pairs[i][0].float(), pairs[i][1]
     if split == "holdout":
         g = torch.Generator().manual_seed(cfg.data_seed + _HOLDOUT_SEED_OFFSET)
         images, ids = synthetic_batch(cfg, cfg.holdout, g)

@@ -174,7 +174,7 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
         log = jsonl_logger(out / "metrics.jsonl")
     latent = build_latent(d)
     gen = torch.Generator().manual_seed(d.seed * 1000 + rank + start)
-    data = batches(decoder_pairs(d, "train", rank, world), d.batch_size)
+    data = batches(decoder_pairs(d, "train", rank, world, cfg.data), d.batch_size)
     module.train()
     bar = tqdm(range(start, d.train_steps), desc="train-decoder", disable=not progress or rank != 0,
                initial=start, total=d.train_steps)
@@ -263,7 +263,7 @@ def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
     log = log or jsonl_logger(out / "metrics.jsonl")
     latent = build_latent(tcfg)
     gen = torch.Generator().manual_seed(dc.seed)
-    data = batches(decoder_pairs(tcfg, "train", 0, 1), dc.batch_size)
+    data = batches(decoder_pairs(tcfg, "train", 0, 1, cfg.data), dc.batch_size)
     t0, loss_v = time.time(), float("nan")
     bar = tqdm(range(dc.train_steps), desc=f"distill[{dc.method}]", disable=not progress)
     for step in bar:
