@@ -71,6 +71,10 @@ class DecoderConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.995  # EMA of weights, used for sampling and saved alongside the raw weights
     t_sampling: str = "logit_normal"  # logit_normal | uniform
+    # What the network outputs: velocity (released) | clean (x-prediction, converted to v = (x1_hat - x_t) / (1 - t)):
+    # a pixel patch wider than the model (8x8x3 = 192 > dim) cannot carry per-pixel noise, x-prediction needs not.
+    prediction: str = "velocity"
+    prediction_t_clip: float = 0.05  # clean prediction: 1 - t is clamped to at least this in the conversion
     t_mean: float = 0.0  # logit-normal location (of logit t)
     t_std: float = 1.0  # logit-normal scale
     train_shift: float = 0.0  # time shift for training t; 0 = resolution-dependent (exp(mu), mu 0.5 @256 -> 1.15 @4096 tokens)
@@ -110,6 +114,8 @@ class DecoderConfig:
                f"a divisor of the DiT token grid {tok} (ids are nearest-upsampled to it)")
         _check(self.latent != "pixel" or self.in_channels == 3, "decoder.in_channels", self.in_channels,
                "3 with decoder.latent=pixel")
+        _check(self.prediction in ("velocity", "clean"), "decoder.prediction", self.prediction, "velocity | clean")
+        _check(0 < self.prediction_t_clip < 1, "decoder.prediction_t_clip", self.prediction_t_clip, "in (0, 1)")
         _check(self.t_sampling in ("logit_normal", "uniform"), "decoder.t_sampling", self.t_sampling,
                "logit_normal | uniform")
         _check(0.0 <= self.cond_drop < 1.0, "decoder.cond_drop", self.cond_drop, "in [0, 1)")

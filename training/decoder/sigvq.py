@@ -76,4 +76,8 @@ class TokenDecoder(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None = None):
         p = self.cfg.patch_size
         feats = self.features(ids, (x.shape[-2] // p, x.shape[-1] // p), keep)
-        return self.transformer(x, t, feats)
+        out = self.transformer(x, t, feats)
+        if self.cfg.prediction == "clean":  # x-prediction (JiT, Li & He 2025), returned as the velocity it implies
+            one_minus_t = (1 - t.float()).clamp_min(self.cfg.prediction_t_clip).view(-1, *[1] * (x.dim() - 1))
+            out = (out - x) / one_minus_t.to(out.dtype)
+        return out
