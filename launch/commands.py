@@ -26,28 +26,20 @@ def cmd_model_info(cfg, args) -> int:
 def cmd_hf_import(cfg, args) -> int:
     """Validate an HF checkpoint against its config.json without loading it (safetensors headers, meta model),
     then write a model preset whose numbers match it."""
-    from safetensors import safe_open
-
-    from training.hf_format import _EXPERT_KEY, _shard_files, read_hf_config
+    from training.hf_format import iter_hf_tensors, read_hf_config
     from training.model import build_model
 
     src = Path(args.src)
     mcfg = read_hf_config(src, cfg.model)
-    model = build_model(mcfg, "meta")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in build_model(mcfg, "meta").state_dict().items()}
     seen = 0
-    for f in _shard_files(src):
-        with safe_open(str(f), "pt") as sf:
-            for key in sf.keys():
-                m = _EXPERT_KEY.match(key)
-                name = f"{m.group(1)}.{m.group(3)}" if m else key
-                want = shapes.get(name)
-                got = tuple(sf.get_slice(key).get_shape())
-                if want is None:
-                    raise ConfigError(f"{f.name}: unexpected weight {key} for this config.json")
-                if (want[1:] if m else want) != got:
-                    raise ConfigError(f"{key}: shape {got} in {f.name} does not match config.json ({want})")
-                seen += 1
+    for t in iter_hf_tensors(src):  # headers only: no tensor is read
+        want = shapes.get(t.target)
+        if want is None:
+            raise ConfigError(f"unexpected weight {t.key} for this config.json")
+        if (want[1:] if t.expert is not None else want) != t.shape:
+            raise ConfigError(f"{t.key}: shape {t.shape} does not match config.json ({want})")
+        seen += 1
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     body = OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(mcfg)}))

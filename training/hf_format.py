@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,38 +118,58 @@ def read_hf_config(path: str | Path, base: ModelConfig | None = None) -> ModelCo
     return config_from_hf(json.loads(p.read_text()), base)
 
 
-@torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) -> dict:
-    """Stream an HF checkpoint into `model` (materialised, any dtype), tensor by tensor.
+@dataclass
+class HFTensor:
+    """One tensor of an HF checkpoint, mapped to the model's names; `load()` reads it (while the walk is at it)."""
+    key: str  # name in the file
+    target: str  # parameter / buffer name in the model (fused expert tensors for per-expert keys)
+    expert: int | None  # expert index within the fused tensor, for per-expert keys
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
 
-    Returns {"loaded": n, "missing": [...], "unexpected": [...]}; with strict, missing/unexpected keys raise."""
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    filled: dict[str, int] = {}
-    expected = {name: (t.shape[0] if re.search(r"\.mlp\.experts\.(gate|up|down)_proj$", name) else 1)
-                for name, t in params.items()}
-    unexpected = []
+
+def iter_hf_tensors(path: str | Path) -> Iterator[HFTensor]:
+    """Every tensor of an HF checkpoint dir, shard by shard, from memory-mapped files (nothing is read until load())."""
     for f in _shard_files(Path(path)):
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
                 m = _EXPERT_KEY.match(key)
-                target, index = (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (key, None)
-                if target not in params:
-                    unexpected.append(key)
-                    continue
-                t = sf.get_tensor(key)
-                dst = params[target] if index is None else params[target][index]
-                if tuple(dst.shape) != tuple(t.shape):
-                    raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(dst.shape)}; "
-                                     "does config.json match the weights?")
-                dst.copy_(t.to(dst.dtype))
-                filled[target] = filled.get(target, 0) + 1
+                target, expert = (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (key, None)
+                yield HFTensor(key, target, expert, tuple(sf.get_slice(key).get_shape()),
+                               lambda sf=sf, key=key: sf.get_tensor(key))
+
+
+def check_complete(model, filled: dict[str, int], expected: dict[str, int], unexpected: list[str], path) -> dict:
+    """Raise naming what an import missed or could not place; else the import report."""
     missing = [n for n, want in expected.items() if filled.get(n, 0) != want
                and not (n == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if strict and (missing or unexpected):
+    if missing or unexpected:
         raise ValueError(f"HF import of {path}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    return {"loaded": sum(filled.values()), "missing": missing, "unexpected": unexpected}
+    return {"loaded": sum(filled.values()), "missing": [], "unexpected": []}
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, path: str | Path) -> dict:
+    """Stream an HF checkpoint into `model` (materialised, any dtype), tensor by tensor; missing or unexpected
+    keys raise."""
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    expected = {name: (t.shape[0] if re.search(r"\.mlp\.experts\.(gate|up|down)_proj$", name) else 1)
+                for name, t in params.items()}
+    filled: dict[str, int] = {}
+    unexpected = []
+    for t in iter_hf_tensors(path):
+        if t.target not in params:
+            unexpected.append(t.key)
+            continue
+        dst = params[t.target] if t.expert is None else params[t.target][t.expert]
+        if tuple(dst.shape) != t.shape:
+            raise ValueError(f"{t.key}: checkpoint shape {t.shape} != model shape {tuple(dst.shape)}; "
+                             "does config.json match the weights?")
+        dst.copy_(t.load().to(dst.dtype))
+        filled[t.target] = filled.get(t.target, 0) + 1
+    return check_complete(model, filled, expected, unexpected, path)
 
 
 def import_hf(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, base=None):

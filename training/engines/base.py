@@ -170,8 +170,7 @@ class Engine:
     def load_hf(self, path) -> dict:
         """Initialise the weights from an HF-format checkpoint dir (official names, per-expert tensors), streamed
         tensor by tensor; each rank keeps only its shard. Optimizer state is untouched (fresh)."""
-        from training.hf_format import _EXPERT_KEY, _shard_files, load_hf_weights
-        from safetensors import safe_open
+        from training.hf_format import check_complete, iter_hf_tensors, load_hf_weights
         own = self._local_tensors()
         if all(self.specs[n].is_full for n in own):
             report = load_hf_weights(self.unwrap(), path)
@@ -179,29 +178,22 @@ class Engine:
             return report
         want = {n: (self.specs[n].local_shape[0] if self.specs[n].kind == "expert" else 1) for n in own}
         filled, unexpected = {}, []
-        for f in _shard_files(Path(path)):
-            with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():
-                    m = _EXPERT_KEY.match(key)
-                    target, index = (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (key, None)
-                    if target not in own:
-                        unexpected.append(key)
-                        continue
-                    spec, dst = self.specs[target], own[target]
-                    if index is None:
-                        dst.copy_(spec.slice_full(sf.get_tensor(key).to(dst.dtype)))
-                        filled[target] = 1
-                        continue
-                    for local_start, global_start, n in spec.pieces:  # experts: dim 0 = expert id
-                        if global_start <= index < global_start + n:
-                            dst[local_start + index - global_start].copy_(sf.get_tensor(key).to(dst.dtype))
-                            filled[target] = filled.get(target, 0) + 1
-        tied = self.unwrap().config.tie_word_embeddings
-        missing = [n for n, k in want.items() if filled.get(n, 0) != k and not (n == "lm_head.weight" and tied)]
-        if missing or unexpected:
-            raise ValueError(f"HF import of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for t in iter_hf_tensors(path):
+            if t.target not in own:
+                unexpected.append(t.key)
+                continue
+            spec, dst = self.specs[t.target], own[t.target]
+            if t.expert is None:
+                dst.copy_(spec.slice_full(t.load().to(dst.dtype)))
+                filled[t.target] = 1
+                continue
+            for local_start, global_start, n in spec.pieces:  # experts: dim 0 = expert id
+                if global_start <= t.expert < global_start + n:
+                    dst[local_start + t.expert - global_start].copy_(t.load().to(dst.dtype))
+                    filled[t.target] = filled.get(t.target, 0) + 1
+        report = check_complete(self.unwrap(), filled, want, unexpected, path)
         self._after_load_params()
-        return {"loaded": sum(filled.values()), "missing": [], "unexpected": []}
+        return report
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
