@@ -102,12 +102,7 @@ def train(cfg: Config) -> dict:
     np.random.seed(cfg.train.seed + w.rank)
     random.seed(cfg.train.seed + w.rank)
 
-    accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * w.dp_size)
-    if accum < 1 or accum * cfg.train.micro_batch_size * w.dp_size != cfg.train.global_batch_size:
-        from training.config import ConfigError
-        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not allowed: must be a multiple "
-                          f"of train.micro_batch_size x data-parallel size = "
-                          f"{cfg.train.micro_batch_size} x {w.dp_size}")
+    accum = engine.global_batch_accum()  # micro-batches per optimizer step on each rank
     loader = build_loader(cfg, seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                           dp_rank=w.dp_rank, dp_size=w.dp_size, seed=cfg.train.seed)
     batches = iter(loader)
@@ -172,7 +167,7 @@ def train(cfg: Config) -> dict:
         global_tokens = tokens * w.dp_size
         ctx = cfg.train.seq_len * (2 if 0 < block < cfg.train.seq_len else 1)
         achieved = flops_per_token(model_cfg, ctx) * global_tokens * (ctx / cfg.train.seq_len) / dt
-        last = {**{k: v for k, v in sums.items()}, "lr": lr, "grad_norm": result["grad_norm"], "block_size": block,
+        last = {**sums, "lr": lr, "grad_norm": result["grad_norm"], "block_size": block,
                 "tokens_per_s": global_tokens / dt, "mfu": achieved / (cfg.train.peak_flops * w.world_size),
                 "skipped": int(skipped), "skipped_total": skipped_total, **moe_metrics}
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
