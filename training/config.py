@@ -14,18 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from data_pipeline.config import DataConfig
 from evals.config import EvalConfig
 from launch.config import LaunchConfig
+from training.config_errors import ConfigError, check as _check
 from training.decoder.config import DecoderConfig, DistillConfig
 from training.diffusion.config import DiffusionConfig
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and what is allowed."""
 
 
 @dataclass
@@ -205,11 +202,6 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) / self.run.name
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")
 
 
 def validate(cfg: Config) -> Config:

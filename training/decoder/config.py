@@ -10,12 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-def _check(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        from training.config import ConfigError  # lazy: training.config imports this module
-
-        raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")
+from training.config_errors import check as _check
 
 
 @dataclass
