@@ -98,3 +98,16 @@ def test_hf_import_into_sharded_layout(tmp_path):
     state = run_distributed(_load_hf, 4, tmp_path / "hf")[0]
     for k, v in ref.items():
         assert torch.equal(state[k], v), k
+
+
+def test_reshard_deepspeed_tp2_to_native_and_deepspeed_tp2_ep2(tmp_path):
+    ref = reference(make_cfg(), steps=2)
+    saved = run_distributed(_train_and_save, 2, "deepspeed", 2, 1, tmp_path, 1, timeout=240)
+    assert saved[0]["loss"][0] == pytest.approx(ref["loss"][0], rel=1e-5)
+    for engine, world, tp, ep, zero in [("native", 1, 1, 1, 0), ("deepspeed", 4, 2, 2, 2)]:
+        res = run_distributed(_load_and_continue, world, engine, tp, ep, zero, tmp_path, 1, timeout=240)
+        for r in res:
+            assert r["loss"] == pytest.approx(ref["loss"][1:], rel=1e-5), engine
+            assert r["grad_norm"] == pytest.approx(ref["grad_norm"][1:], rel=1e-4), engine
+        worst = max(float((res[0]["state"][k] - ref["state"][k]).abs().max()) for k in ref["state"])
+        assert worst < 1e-4, f"{engine}: weights after resume differ by {worst}"

@@ -51,6 +51,8 @@ CASES = [
     ("megatron", 4, 2, 2, True, 0),
     ("deepspeed", 2, 1, 2, False, 2),
     ("deepspeed", 2, 1, 1, False, 1),
+    ("deepspeed", 2, 2, 1, False, 2),
+    ("deepspeed", 4, 2, 2, False, 2),
 ]
 
 

@@ -39,8 +39,8 @@ def test_config_and_engines_reject_unsupported_layouts():
     with pytest.raises(ConfigError, match="parallel.expert_tensor=2"):
         MegatronEngine(make_cfg("megatron", extra=("parallel.expert_tensor=2",)))
     from training.engines.deepspeed import DeepSpeedEngine
-    with pytest.raises(ConfigError, match="parallel.tensor=2"):
-        DeepSpeedEngine(make_cfg("deepspeed", tp=2))
+    with pytest.raises(ConfigError, match="parallel.expert_tensor=2"):
+        DeepSpeedEngine(make_cfg("deepspeed", extra=("parallel.expert_tensor=2",)))
     with pytest.raises(ConfigError, match="parallel.zero_stage=3"):
         DeepSpeedEngine(make_cfg("deepspeed", ep=2, zero=3))
 

@@ -2,7 +2,7 @@
 
     native     torch only: DP (grad all-reduce), TP/SP, EP (all-to-all)            training/engines/native.py
     megatron   megatron-core parallel_state, mappings, DDP + distributed optimizer  training/engines/megatron.py
-    deepspeed  deepspeed.initialize with ZeRO 0-3, EP on an expert-parallel group   training/engines/deepspeed.py
+    deepspeed  deepspeed.initialize with ZeRO 0-2 (DP group), TP/SP and EP          training/engines/deepspeed.py
 
 All engines share the trainer contract (`Engine` in base.py) and the reshardable checkpoint format
 (shard_format.py), so a checkpoint written by any engine under any layout loads into any other.

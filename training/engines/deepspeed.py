@@ -10,6 +10,14 @@ the expert-data-parallel group. DeepSpeed only recognises its own `deepspeed.moe
 `deepspeed.initialize` runs, the engine module's `MoE` name is widened to (its MoE, our MoE) so `has_moe_layers` is
 set and the expert groups are wired into ZeRO (restored right after).
 
+Tensor (+sequence) parallelism is the project's own (`tensor_parallel.py`, the same specs and checkpoint format as
+native/megatron), on the torch groups of `world.build_world`; DeepSpeed is handed an `mpu` (`_WorldMpu`) so its data
+parallelism and ZeRO partitions span the data-parallel group only, its grad norm counts TP shards and experts
+(`tensor_model_parallel`) on every TP rank and replicated params on TP rank 0, and the project's expert groups are
+registered in `deepspeed.utils.groups` under `ep_size_<ep>` (DeepSpeed's own E+M+D layout differs from ours).
+Grads that are partial over TP (`tp_partial`: router, shared expert, q/k norms, norms under SP) are summed over the
+TP group by a tensor hook, before ZeRO's gradient hooks see them.
+
 Gradient accumulation is owned by the caller (`managed_gradient_accumulation: false`): backward() accumulates
 locally, step() reduces, clips and updates, exactly the trainer contract.
 """
@@ -26,7 +34,8 @@ import torch.distributed as dist
 
 from training.engines.base import Engine, MOMENTS, no_decay
 from training.engines.native import build_sharded_model
-from training.engines.world import ParallelWorld, init_distributed
+from training.engines.tensor_parallel import _all_reduce
+from training.engines.world import ParallelWorld, build_world, init_distributed, layout_groups
 
 
 def _prepare_cpu() -> None:
@@ -49,6 +58,53 @@ def _project_moe_is_deepspeed_moe():
         ds_engine.MoE = original
 
 
+class _WorldMpu:
+    """The megatron-style `mpu` DeepSpeed reads (data / model = tensor parallel groups) over a ParallelWorld."""
+
+    def __init__(self, world: ParallelWorld):
+        self.w = world
+
+    def get_data_parallel_group(self):
+        return self.w.dp_group
+
+    def get_data_parallel_world_size(self):
+        return self.w.dp_size
+
+    def get_data_parallel_rank(self):
+        return self.w.dp_rank
+
+    def get_model_parallel_group(self):
+        return self.w.tp_group
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_model_parallel_world_size(self):
+        return self.w.tp_size
+
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_model_parallel_rank(self):
+        return self.w.tp_rank
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.w.rank - self.w.tp_rank
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+
+def _register_expert_groups(world: ParallelWorld, group_name: str) -> None:
+    """Our expert / expert-data-parallel groups (world.py layout) as DeepSpeed's groups of `group_name`."""
+    from deepspeed.utils import groups
+    _, _, ep_lists, edp_lists = layout_groups(world.world_size, world.tp_size, world.ep_size)
+    groups._EXPERT_PARALLEL_GROUP[group_name] = world.ep_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[group_name] = next(r for r in ep_lists if world.rank in r)
+    groups._EXPERT_DATA_PARALLEL_GROUP[group_name] = world.edp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[group_name] = next(r for r in edp_lists if world.rank in r)
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -56,10 +112,10 @@ class DeepSpeedEngine(Engine):
         super().__init__(cfg)
         par = cfg.parallel
         from training.config import ConfigError
-        for key in ("tensor", "expert_tensor", "pipeline"):
+        for key in ("expert_tensor", "pipeline"):
             if getattr(par, key) != 1:
                 raise ConfigError(f"parallel.{key}={getattr(par, key)} is not allowed with train.engine=deepspeed: "
-                                  "must be 1 (use train.engine=megatron or native for tensor parallelism)")
+                                  "must be 1 (not implemented)")
         if par.zero_stage == 3:
             # DeepSpeed asserts its MoE out of ZeRO-3, and without experts sharded ZeRO-3 params would need
             # GatheredParameters around save/load/full_state_dict, which this engine does not do yet.
@@ -79,17 +135,28 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend=backend)
         ep = par.expert
         self.group_name = f"ep_size_{ep}"
-        if self.group_name not in groups._get_expert_parallel_group_dict():
+        mpu = None
+        if par.tensor > 1:
+            self.world = build_world(par.tensor, ep, par.sequence_parallel)
+            mpu = _WorldMpu(self.world)
+            _register_expert_groups(self.world, self.group_name)
+        elif self.group_name not in groups._get_expert_parallel_group_dict():
             groups._create_expert_and_data_parallel(ep)
-        self.world = ParallelWorld(
-            rank=rank, world_size=world, device=device, backend=backend, dp_rank=rank, dp_size=world,
-            ep_rank=groups._get_expert_parallel_rank(self.group_name), ep_size=ep,
-            edp_rank=dist.get_rank(groups._get_expert_data_parallel_group(self.group_name)),
-            edp_size=groups._get_expert_data_parallel_world_size(self.group_name),
-            dp_group=groups._get_data_parallel_group(), ep_group=groups._get_expert_parallel_group(self.group_name),
-            edp_group=groups._get_expert_data_parallel_group(self.group_name))
+        if mpu is None:
+            self.world = ParallelWorld(
+                rank=rank, world_size=world, device=device, backend=backend, dp_rank=rank, dp_size=world,
+                ep_rank=groups._get_expert_parallel_rank(self.group_name), ep_size=ep,
+                edp_rank=dist.get_rank(groups._get_expert_data_parallel_group(self.group_name)),
+                edp_size=groups._get_expert_data_parallel_world_size(self.group_name),
+                dp_group=groups._get_data_parallel_group(), ep_group=groups._get_expert_parallel_group(self.group_name),
+                edp_group=groups._get_expert_data_parallel_group(self.group_name))
         model, self.specs = build_sharded_model(cfg, self.world)
         self._module = model
+        if self.world.tp_size > 1:
+            tp_group = self.world.tp_group
+            for n, p in model.named_parameters():
+                if self.specs[n].tp_partial:  # a tensor hook runs before ZeRO's grad-accumulation hooks
+                    p.register_hook(lambda g, grp=tp_group: _all_reduce(g, grp))
         for n, p in model.named_parameters():
             if self.specs[n].kind == "expert":
                 # ZeRO reduces these over the expert-data-parallel group, pre-divided by the full DP size: the
@@ -117,7 +184,7 @@ class DeepSpeedEngine(Engine):
         }
         with _project_moe_is_deepspeed_moe():
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                    config=ds_config)
+                                                                    config=ds_config, mpu=mpu)
 
     def unwrap(self):
         return self._module
@@ -150,6 +217,10 @@ class DeepSpeedEngine(Engine):
                     out[n] = {k: st[k] for k in MOMENTS}
             return out
         from deepspeed.utils import safe_get_full_optimizer_state
+        # DeepSpeed 0.19.8 links the AdamW state to the params once, right after stepping the *first* param group,
+        # so later groups (no_decay, expert groups) stay linked to an empty state: relink now that all are stepped.
+        self.optimizer._hp_optimizer_states_linked = False
+        self.optimizer._lazy_init_hp_params_optimizer_state()
         for n, p in self._module.named_parameters():
             st = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
             if all(v is not None for v in st.values()):
