@@ -7,7 +7,6 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
-export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 
 .PHONY: setup test test-unit test-dist test-slurm test-e2e quickstart bench clean
@@ -21,6 +20,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 setup: $(BIN)/.installed
+
+# Tests run two pytest workers on 2 cores: one thread each. Single-process commands (quickstart stages) keep
+# torch's default; `launch local` gives each rank cores/nproc threads.
+test test-unit test-dist test-slurm test-e2e: export OMP_NUM_THREADS ?= 1
 
 test: setup
 	$(BIN)/pytest -q -n 2 --dist loadgroup tests
