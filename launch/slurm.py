@@ -225,11 +225,7 @@ def launch_slurm(cfg, args, rank_command: str | None = None) -> list[str]:
     if dry:
         print(text)
         return []
-    _tool("sbatch")
-    check_partition(lc.partition)
-    check_not_running(slurm_dir)
-    slurm_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, config_snapshot)
+    _prepare_submission(cfg, lc, slurm_dir, config_snapshot)
     script_path.write_text(text)
     job = submit(script_path)
     with open(slurm_dir / "jobs.txt", "a") as f:
@@ -237,6 +233,15 @@ def launch_slurm(cfg, args, rank_command: str | None = None) -> list[str]:
     print(f"submitted job {job}: {lc.nodes} node(s) x {lc.ranks_per_node()} rank(s) of `unidiff {command}`; "
           f"script {script_path}, logs {slurm_dir}/{job}.out")
     return [job]
+
+
+def _prepare_submission(cfg, lc, slurm_dir: Path, config_snapshot: Path) -> None:
+    """Checks before any sbatch (tool present, partition known, no job of this run queued), then the snapshot."""
+    _tool("sbatch")
+    check_partition(lc.partition)
+    check_not_running(slurm_dir)
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, config_snapshot)
 
 
 def _launch_array(cfg, args, lc, slurm_dir: Path, workdir: Path, config_snapshot: Path, dry: bool,
@@ -256,11 +261,7 @@ def _launch_array(cfg, args, lc, slurm_dir: Path, workdir: Path, config_snapshot
     if dry:
         print(f"{array}\n# ---- then, with --dependency=afterok:<array job id>:\n{merge}")
         return []
-    _tool("sbatch")
-    check_partition(lc.partition)
-    check_not_running(slurm_dir)
-    slurm_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, config_snapshot)
+    _prepare_submission(cfg, lc, slurm_dir, config_snapshot)
     array_path.write_text(array)
     merge_path.write_text(merge)
     array_job = submit(array_path)
