@@ -50,7 +50,8 @@ def save_grid(rows: list[torch.Tensor], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", default="runs/bench_decoder")
-    ap.add_argument("--methods", default="consistency_training,consistency_distillation")
+    ap.add_argument("--config", default=None, help="experiment config (e.g. configs/experiments/quickstart.yaml)")
+    ap.add_argument("--methods", default="trajectory_distillation,consistency_training,consistency_distillation")
     ap.add_argument("--student-steps", type=int, default=8)
     ap.add_argument("--out", default="bench/results/bench_decoder.json")
     ap.add_argument("--grid", default="bench/results/bench_decoder_grid.png")
@@ -59,7 +60,7 @@ def main() -> int:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     run_dir = Path(a.run_dir)
     base = [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", f"distill.steps={a.student_steps}"] + a.overrides
-    cfg = load_config(None, base)
+    cfg = load_config(a.config, base)
     t_dir = run_dir / "decoder" / "checkpoints"
     t_train = 0.0
     if checkpoint.latest_path(t_dir) is None or \
@@ -81,10 +82,11 @@ def main() -> int:
     score("teacher_50", t50)
     t8, s_t8 = _timed(lambda: decode_tokens(teacher, ids, steps=a.student_steps, sampler="euler", noise=noise))
     score(f"teacher_{a.student_steps}", t8, t50)
+    score("teacher_2", decode_tokens(teacher, ids, steps=2, sampler="euler", noise=noise), t50)
     res["time_s"] = {"teacher_50": s_t50, f"teacher_{a.student_steps}": s_t8}
     rows = [gt[:8], t50[:8], t8[:8]]
     for method in a.methods.split(","):
-        mcfg = load_config(None, base + [f"run.name={run_dir.name}_{method}", f"distill.method={method}",
+        mcfg = load_config(a.config, base + [f"run.name={run_dir.name}_{method}", f"distill.method={method}",
                                          f"distill.teacher={t_dir}"])
         s_dir, s_train = _timed(lambda: distill(mcfg))
         student, _ = load_decoder(s_dir)
@@ -93,6 +95,12 @@ def main() -> int:
         s2 = decode_tokens(student, ids, steps=2, sampler="turbo", noise=noise, seed=11)
         score(f"{method}_{a.student_steps}", s8, t50)
         score(f"{method}_2", s2, t50)
+        # Fresh re-noising (released) draws a new sample at every step, so PSNR to the teacher-50 output of the same
+        # initial noise also counts sample diversity; the deterministic turbo (re-noise with the model's own noise
+        # estimate) keeps the initial noise and measures how well the student follows the teacher's ODE.
+        for k in (a.student_steps, 2):
+            score(f"{method}_{k}_deterministic",
+                  decode_tokens(student, ids, steps=k, sampler="turbo", noise=noise, stochast_ratio=0.0), t50)
         res["time_s"][f"{method}_{a.student_steps}"] = s_s8
         res[f"{method}_train_s"] = round(s_train, 1)
         res[f"{method}_speedup_vs_teacher50"] = s_t50 / s_s8
@@ -104,9 +112,13 @@ def main() -> int:
     k = a.student_steps
     print(json.dumps(res, indent=1))
     for method in a.methods.split(","):
-        s, t = res[f"{method}_{k}"], res[f"teacher_{k}"]
-        print(f"{method}: student@{k} vs teacher@{k}: PSNR->T50 {s['psnr_to_teacher50']:.2f} vs "
-              f"{t['psnr_to_teacher50']:.2f} dB, PSNR->GT {s['psnr_gt']:.2f} vs {t['psnr_gt']:.2f} dB; "
+        s, t, sd = res[f"{method}_{k}"], res[f"teacher_{k}"], res[f"{method}_{k}_deterministic"]
+        s2, t2 = res[f"{method}_2_deterministic"], res["teacher_2"]
+        print(f"{method}: student@{k} vs teacher@{k}: PSNR->GT {s['psnr_gt']:.2f} vs {t['psnr_gt']:.2f} dB, "
+              f"SSIM {s['ssim_gt']:.3f} vs {t['ssim_gt']:.3f}, PSNR->T50 {s['psnr_to_teacher50']:.2f} "
+              f"(deterministic {sd['psnr_to_teacher50']:.2f}) vs {t['psnr_to_teacher50']:.2f} dB; @2: PSNR->T50 "
+              f"{s2['psnr_to_teacher50']:.2f} vs {t2['psnr_to_teacher50']:.2f}, PSNR->GT {s2['psnr_gt']:.2f} vs "
+              f"{t2['psnr_gt']:.2f}; "
               f"teacher@50 PSNR->GT {res['teacher_50']['psnr_gt']:.2f}; speed-up vs teacher@50 "
               f"{res[f'{method}_speedup_vs_teacher50']:.1f}x")
     print(f"grid: {a.grid}  json: {a.out}")

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from training.decoder.config import DecoderConfig, DistillConfig
-from training.decoder.distill import distill_loss
+from training.decoder.distill import TrajectoryPool, distill_loss, teacher_trajectory, trajectory_loss
 from training.decoder.flow import flow_loss, resolution_shift, time_shift
 from training.decoder.samplers import euler_sample, turbo_sample
 
@@ -135,7 +136,12 @@ def _data(n: int, g: torch.Generator):
     return x1.view(n, 2, 1, 1), ids
 
 
-@pytest.mark.parametrize("method", ["consistency_training", "consistency_distillation"])
+def _stream(n: int, g: torch.Generator):
+    while True:
+        yield _data(n, g)
+
+
+@pytest.mark.parametrize("method", ["consistency_training", "consistency_distillation", "trajectory_distillation"])
 def test_distillation_reduces_few_step_error_versus_teacher(method):
     torch.manual_seed(0)
     teacher = MixtureFlow(MODES, S)
@@ -143,7 +149,18 @@ def test_distillation_reduces_few_step_error_versus_teacher(method):
     student = TinyStudent()
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
+    pool = None
+    if method == "trajectory_distillation":  # the teacher's own 100-step sampler, run once up front
+        tcfg = DecoderConfig(steps=100, sample_shift=1.0)
+        pool = TrajectoryPool.build(teacher, _stream(256, g), 4096, SimpleNamespace(encode=lambda x: x), tcfg, dcfg, g)
+        assert pool.states.shape == (2, 4096, 2, 1, 1) and pool.ends.shape == (4096, 2, 1, 1)
     for _ in range(2000):
+        if pool is not None:
+            loss = trajectory_loss(student, pool, 256, dcfg.loss, g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            continue
         x1, ids = _data(256, g)
         loss = distill_loss(student, x1, ids, dcfg, teacher if method == "consistency_distillation" else None, g)
         opt.zero_grad()
@@ -157,3 +174,16 @@ def test_distillation_reduces_few_step_error_versus_teacher(method):
     assert exact_err < 0.1  # the reference is right: the converged ODE lands on the modes
     assert teacher_err > 0.4  # two Euler steps land between the modes
     assert student_err < 0.8 * teacher_err, (student_err, teacher_err)  # measured: CD ~0.57x, CT ~0.72x
+
+
+def test_teacher_trajectory_is_the_teacher_sampler():
+    """States start at the noise and the endpoint is exactly the teacher's own Euler sample (times on its grid)."""
+    teacher = MixtureFlow(MODES, S)
+    e = torch.randn(64, 2, 1, 1, generator=torch.Generator().manual_seed(3))
+    x1, ids = _data(64, torch.Generator().manual_seed(4))
+    states, end = teacher_trajectory(teacher, e, ids, [0.0, 0.5], steps=40, shift=1.0, cfg_scale=1.0)
+    assert torch.equal(states[0], e)
+    torch.testing.assert_close(end, euler_sample(teacher, e, ids, 40, shift=1.0), rtol=0, atol=1e-6)
+    half = euler_sample(teacher, e, ids, 20, shift=1.0)  # a different grid gives a different endpoint
+    assert (half - end).abs().max() > 1e-4
+    assert _mode_error(end, ids) < _mode_error(states[1], ids)

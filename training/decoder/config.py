@@ -125,13 +125,18 @@ class DecoderConfig:
                ">= 1 (and decoder.batch_size >= 1)")
 
 
+METHODS = ("consistency_training", "consistency_distillation", "trajectory_distillation")
+
+
 @dataclass
 class DistillConfig:
-    method: str = "consistency_training"  # consistency_training (teacher-free) | consistency_distillation (teacher)
+    # consistency_training (teacher-free) | consistency_distillation | trajectory_distillation (frozen teacher)
+    method: str = "trajectory_distillation"
     steps: int = 8  # student sampler steps (8, 4, 2 or 1)
     teacher: str = ""  # teacher checkpoint dir (train-decoder output); empty = <run_dir>/decoder/checkpoints
     substeps: int = 4  # fine-grid intervals per student interval (consistency grid N = steps * substeps)
     teacher_cfg_scale: float = 1.0  # guidance baked into the student (w; 1 = none)
+    pool_size: int = 256  # trajectory_distillation: teacher trajectories sampled once, reused for every step
     train_steps: int = 400
     batch_size: int = 32
     lr: float = 2.0e-4
@@ -144,8 +149,8 @@ class DistillConfig:
     log_every: int = 10
 
     def validate(self, root) -> None:
-        _check(self.method in ("consistency_training", "consistency_distillation"), "distill.method", self.method,
-               "consistency_training | consistency_distillation")
+        _check(self.method in METHODS, "distill.method", self.method, " | ".join(METHODS))
+        _check(self.pool_size >= 1, "distill.pool_size", self.pool_size, ">= 1")
         _check(self.steps in (1, 2, 4, 8, 16), "distill.steps", self.steps, "1 | 2 | 4 | 8 | 16")
         _check(self.substeps >= 1, "distill.substeps", self.substeps, ">= 1")
         _check(self.loss in ("l2", "pseudo_huber"), "distill.loss", self.loss, "l2 | pseudo_huber")

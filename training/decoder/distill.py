@@ -15,13 +15,22 @@ and at dt = 1/K its fixed point is the blurry posterior mean (tests/test_decoder
       L = d( f_s(x_n, t_n),  sg f_s(x_m, t_m) )          with f(x_K, 1) := x_m (the teacher's endpoint)
 
 d is L2 or the pseudo-Huber distance of iCT (c = 0.00054 sqrt(numel per sample)); n is uniform on the fine grid.
+
+  trajectory_distillation (frozen teacher used once, up front; no bootstrapping):
+      run the guided teacher's own sampler (Euler, `decoder.steps` on its shifted grid, plus the student's times)
+      from noise, keeping its states x_{t_k} at the student's times t_k = k/K and its endpoint x_T;
+      L = d( f_s(x_{t_k}, t_k), x_T )
+  i.e. every student step regresses what the full teacher sampler ends at from that point (Luhman & Luhman 2021
+  knowledge distillation, extended from one step to the K points of the turbo grid). The pool of trajectories is
+  built once and reused; the teacher is then dropped. The targets are the teacher's actual outputs, so the student
+  cannot drift from its teacher the way a bootstrapped consistency target can.
 """
 from __future__ import annotations
 
 import torch
 
 from training.decoder.flow import clean_estimate, interpolate
-from training.decoder.samplers import guided_velocity
+from training.decoder.samplers import euler_grid, guided_velocity
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
@@ -67,3 +76,55 @@ def distill_loss(student, x1: torch.Tensor, ids: torch.Tensor, dcfg, teacher=Non
             target[inner] = clean_estimate(x_m[inner], tm, student(x_m[inner], tm, ids[inner], keep[inner]).float())
     pred = clean_estimate(x_n, t_n, student(x_n, t_n, ids, keep).float())
     return distance(pred, target, dcfg.loss)
+
+
+@torch.no_grad()
+def teacher_trajectory(teacher, noise: torch.Tensor, ids: torch.Tensor, times: list[float], steps: int,
+                       shift: float, cfg_scale: float, norm_clip: bool = True):
+    """The teacher's guided Euler ODE from `noise` over its own shifted `steps`-step grid with `times` inserted;
+    returns (states at `times` [len(times), B, ...], endpoint at t=1)."""
+    grid = sorted(set(euler_grid(steps, shift).tolist()) | {float(t) for t in times} | {0.0, 1.0})
+    want = {float(t): i for i, t in enumerate(times)}
+    states = [None] * len(times)
+    x = noise.float()
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        if t0 in want:
+            states[want[t0]] = x.clone()
+        t = torch.full((x.shape[0],), t0, device=x.device)
+        x = x + (t1 - t0) * guided_velocity(teacher, x, t, ids, cfg_scale, norm_clip)
+    return torch.stack(states), x
+
+
+class TrajectoryPool:
+    """(state, time, ids, endpoint) tuples from teacher trajectories, sampled uniformly over items and times."""
+
+    def __init__(self, states: torch.Tensor, times: list[float], ids: torch.Tensor, ends: torch.Tensor):
+        self.states, self.ids, self.ends = states, ids, ends  # [K, N, ...], [N, gh, gw], [N, ...]
+        self.times = torch.tensor(times, dtype=torch.float32)
+
+    @classmethod
+    def build(cls, teacher, batches, n_items: int, latent, tcfg, dcfg, generator: torch.Generator, progress=None):
+        times = [k / dcfg.steps for k in range(dcfg.steps)]
+        parts, ids_all, ends = [], [], []
+        while sum(i.shape[0] for i in ids_all) < n_items:
+            images, ids = next(batches)
+            noise = torch.randn(latent.encode(images).shape, generator=generator)
+            st, end = teacher_trajectory(teacher, noise, ids, times, tcfg.steps, tcfg.sample_shift,
+                                         dcfg.teacher_cfg_scale, tcfg.cfg_norm_clip)
+            parts.append(st)
+            ids_all.append(ids)
+            ends.append(end)
+            if progress is not None:
+                progress(ids.shape[0])
+        return cls(torch.cat(parts, 1)[:, :n_items], times, torch.cat(ids_all)[:n_items], torch.cat(ends)[:n_items])
+
+    def sample(self, b: int, generator: torch.Generator):
+        i = torch.randint(0, self.ids.shape[0], (b,), generator=generator)
+        k = torch.randint(0, self.states.shape[0], (b,), generator=generator)
+        return self.states[k, i], self.times[k], self.ids[i], self.ends[i]
+
+
+def trajectory_loss(student, pool: TrajectoryPool, b: int, kind: str, generator: torch.Generator | None = None):
+    x, t, ids, end = pool.sample(b, generator)
+    keep = torch.ones(b, dtype=torch.bool, device=x.device)
+    return distance(clean_estimate(x, t, student(x, t, ids, keep).float()), end, kind)

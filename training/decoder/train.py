@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from training.decoder import checkpoint
-from training.decoder.distill import distill_loss
+from training.decoder.distill import TrajectoryPool, distill_loss, trajectory_loss
 from training.decoder.flow import flow_loss
 from training.decoder.latent import build_latent
 from training.decoder.pairs import batches, decoder_pairs
@@ -218,11 +218,13 @@ def load_decoder(source, use_ema: bool = True) -> tuple[TokenDecoder, dict]:
 
 @torch.no_grad()
 def decode_tokens(decoder, grid_ids: torch.Tensor, steps: int | None = None, cfg_scale: float | None = None,
-                  seed: int = 0, sampler: str | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                  seed: int = 0, sampler: str | None = None, noise: torch.Tensor | None = None,
+                  stochast_ratio: float = 1.0) -> torch.Tensor:
     """VQ id grids [B, gh, gw] -> images [B, 3, H, W] in [-1, 1].
 
     decoder: a checkpoint dir or a TokenDecoder. A checkpoint's meta chooses the sampler (teacher: Euler ODE with
     shift and CFG; distilled student: turbo) and the default steps; `steps`/`cfg_scale`/`sampler` override them.
+    stochast_ratio: turbo re-noising, 1 = fresh noise (released), 0 = the model's own noise estimate (deterministic).
     """
     from training.decoder.latent import build_latent, latent_shape
     from training.decoder.samplers import euler_sample, turbo_sample
@@ -239,7 +241,7 @@ def decode_tokens(decoder, grid_ids: torch.Tensor, steps: int | None = None, cfg
     z = noise if noise is not None else torch.randn(shape, generator=gen)
     decoder.eval()
     if sampler == "turbo":
-        x = turbo_sample(decoder, z, grid_ids, steps, generator=gen, cfg_scale=cfg_scale)
+        x = turbo_sample(decoder, z, grid_ids, steps, generator=gen, stochast_ratio=stochast_ratio, cfg_scale=cfg_scale)
     else:
         x = euler_sample(decoder, z, grid_ids, steps, d.sample_shift, cfg_scale, d.cfg_norm_clip)
     return build_latent(d).decode(x)
@@ -253,8 +255,6 @@ def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
     teacher, tmeta = load_decoder(teacher_src)
     student = copy.deepcopy(teacher).train()  # initialised from the teacher; the frozen copy is dropped below
     teacher.requires_grad_(False)
-    if dc.method == "consistency_training":
-        teacher = None  # teacher-free: nothing but the student (and its EMA) lives at run time
     tcfg = student.cfg
     out = Path(cfg.run_dir) / "distill"
     ckpt_dir = out / "checkpoints"
@@ -264,11 +264,21 @@ def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
     latent = build_latent(tcfg)
     gen = torch.Generator().manual_seed(dc.seed)
     data = batches(decoder_pairs(tcfg, "train", 0, 1, cfg.data), dc.batch_size)
-    t0, loss_v = time.time(), float("nan")
+    t0, loss_v, pool = time.time(), float("nan"), None
+    if dc.method == "trajectory_distillation":
+        with tqdm(total=dc.pool_size, desc="distill: teacher trajectories", disable=not progress) as pbar:
+            pool = TrajectoryPool.build(teacher.eval(), data, dc.pool_size, latent, tcfg, dc, gen, pbar.update)
+        print(f"distill: {dc.pool_size} teacher trajectories ({tcfg.steps} steps, w={dc.teacher_cfg_scale}) "
+              f"in {time.time() - t0:.1f}s")
+    if dc.method != "consistency_distillation":
+        teacher = None  # nothing but the student (and its EMA) lives in the training loop
     bar = tqdm(range(dc.train_steps), desc=f"distill[{dc.method}]", disable=not progress)
     for step in bar:
-        images, ids = next(data)
-        loss = distill_loss(student, latent.encode(images), ids, dc, teacher, gen)
+        if pool is not None:
+            loss = trajectory_loss(student, pool, dc.batch_size, dc.loss, gen)
+        else:
+            images, ids = next(data)
+            loss = distill_loss(student, latent.encode(images), ids, dc, teacher, gen)
         gnorm = stepper.step(loss)
         ema.update(student)
         loss_v = float(loss.detach())

@@ -216,6 +216,8 @@ class DeepSpeedEngine(Engine):
                 if "exp_avg" in st:
                     out[n] = {k: st[k] for k in MOMENTS}
             return out
+        if self._optim_step() == 0:  # no optimizer step yet (e.g. SIGTERM before step 1): no AdamW state exists
+            return out
         from deepspeed.utils import safe_get_full_optimizer_state
         # DeepSpeed 0.19.8 links the AdamW state to the params once, right after stepping the *first* param group,
         # so later groups (no_decay, expert groups) stay linked to an empty state: relink now that all are stepped.
