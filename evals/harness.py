@@ -94,8 +94,9 @@ def decoder_fn(source: str, steps: int = 0):
     model, meta = load_decoder(source)
 
     def decode(ids: torch.Tensor) -> torch.Tensor:
-        return decode_tokens(model, ids.long(), steps=steps or meta.get("steps"), sampler=meta.get("sampler"))
+        return decode_tokens(model, ids.long(), steps=decode.steps, sampler=meta.get("sampler"))
 
+    decode.steps = steps or meta.get("steps")
     return decode
 
 
@@ -139,6 +140,10 @@ def build_context(cfg, rank: int = 0, world: int = 1, device=None, out_dir: Path
         if fn is not None:
             ctx.decoders[name] = fn
             meta[f"decoder_{name}"] = src or str(default)
+    if "student" in ctx.decoders and "teacher" in ctx.decoders:  # the undistilled teacher at the student's steps
+        k = ctx.decoders["student"].steps
+        if k != ctx.decoders["teacher"].steps:
+            ctx.decoders[f"teacher_{k}"] = decoder_fn(meta["decoder_teacher"], k)
     if not ctx.decoders:
         ctx.unavailable["decoders"] = "; ".join(v for k, v in ctx.unavailable.items() if k.startswith("decoder_"))
     if ctx.tokenizer is not None and ctx.specials is not None and ctx.image_tokenizer is not None:

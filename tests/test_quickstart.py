@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 # Same pipeline and model as `make quickstart`, fewer steps and held-out items so CI stays fast.
 REDUCED = ["train.steps=80", "train.warmup_steps=10", "train.decay_steps=20", "train.save_every=40",
-           "decoder.train_steps=60", "decoder.warmup_steps=10", "decoder.save_every=30", "distill.train_steps=30",
+           "decoder.train_steps=60", "decoder.warmup_steps=10", "decoder.save_every=30", "distill.train_steps=30", "distill.pool_size=32",
            "data.sample.train_scenes=600", "data.sample.val_scenes=64", "data.sample.train_docs=40",
            "data.sample.val_docs=8", "data.image_tokenizer.kmeans_iters=10", "eval.num_samples=16",
            "eval.speed_repeats=1"]
