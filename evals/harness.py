@@ -87,16 +87,18 @@ def load_backbone(cfg, device):
     return engine.unwrap().eval(), str(ckpt)
 
 
-def decoder_fn(source: str, steps: int = 0):
-    """A checkpoint dir -> callable ids [B, gh, gw] -> images [B, 3, H, W] in [-1, 1] (its own sampler/steps)."""
+def decoder_fn(source, steps: int = 0):
+    """A checkpoint dir (or an already loaded (model, meta), e.g. another decoder_fn's `.loaded`) -> callable
+    ids [B, gh, gw] -> images [B, 3, H, W] in [-1, 1] (its own sampler; its own steps unless `steps`)."""
     from training.decoder.train import decode_tokens, load_decoder
 
-    model, meta = load_decoder(source)
+    model, meta = source if isinstance(source, tuple) else load_decoder(source)
 
     def decode(ids: torch.Tensor) -> torch.Tensor:
         return decode_tokens(model, ids.long(), steps=decode.steps, sampler=meta.get("sampler"))
 
     decode.steps = steps or meta.get("steps")
+    decode.loaded = (model, meta)
     return decode
 
 
@@ -143,7 +145,7 @@ def build_context(cfg, rank: int = 0, world: int = 1, device=None, out_dir: Path
     if "student" in ctx.decoders and "teacher" in ctx.decoders:  # the undistilled teacher at the student's steps
         k = ctx.decoders["student"].steps
         if k != ctx.decoders["teacher"].steps:
-            ctx.decoders[f"teacher_{k}"] = decoder_fn(meta["decoder_teacher"], k)
+            ctx.decoders[f"teacher_{k}"] = decoder_fn(ctx.decoders["teacher"].loaded, k)  # same weights, no reload
     if not ctx.decoders:
         ctx.unavailable["decoders"] = "; ".join(v for k, v in ctx.unavailable.items() if k.startswith("decoder_"))
     if ctx.tokenizer is not None and ctx.specials is not None and ctx.image_tokenizer is not None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,8 +150,8 @@ def test_distillation_reduces_few_step_error_versus_teacher(method):
     g = torch.Generator().manual_seed(1)
     pool = None
     if method == "trajectory_distillation":  # the teacher's own 100-step sampler, run once up front
-        tcfg = DecoderConfig(steps=100, sample_shift=1.0)
-        pool = TrajectoryPool.build(teacher, _stream(256, g), 4096, SimpleNamespace(encode=lambda x: x), tcfg, dcfg, g)
+        tcfg = DecoderConfig(steps=100, sample_shift=1.0, latent="pixel", in_channels=2, image_size=1)
+        pool = TrajectoryPool.build(teacher, _stream(256, g), 4096, tcfg, dcfg, g)
         assert pool.states.shape == (2, 4096, 2, 1, 1) and pool.ends.shape == (4096, 2, 1, 1)
     for _ in range(2000):
         if pool is not None:

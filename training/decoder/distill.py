@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from training.decoder.flow import clean_estimate, interpolate
+from training.decoder.latent import latent_shape
 from training.decoder.samplers import euler_grid, guided_velocity
 
 
@@ -103,12 +104,12 @@ class TrajectoryPool:
         self.times = torch.tensor(times, dtype=torch.float32)
 
     @classmethod
-    def build(cls, teacher, batches, n_items: int, latent, tcfg, dcfg, generator: torch.Generator, progress=None):
+    def build(cls, teacher, batches, n_items: int, tcfg, dcfg, generator: torch.Generator, progress=None):
         times = [k / dcfg.steps for k in range(dcfg.steps)]
         parts, ids_all, ends = [], [], []
         while sum(i.shape[0] for i in ids_all) < n_items:
-            images, ids = next(batches)
-            noise = torch.randn(latent.encode(images).shape, generator=generator)
+            _, ids = next(batches)  # only the conditions: the teacher draws the images
+            noise = torch.randn((ids.shape[0], *latent_shape(tcfg)), generator=generator)
             st, end = teacher_trajectory(teacher, noise, ids, times, tcfg.steps, tcfg.sample_shift,
                                          dcfg.teacher_cfg_scale, tcfg.cfg_norm_clip)
             parts.append(st)

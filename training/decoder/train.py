@@ -267,7 +267,7 @@ def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
     t0, loss_v, pool = time.time(), float("nan"), None
     if dc.method == "trajectory_distillation":
         with tqdm(total=dc.pool_size, desc="distill: teacher trajectories", disable=not progress) as pbar:
-            pool = TrajectoryPool.build(teacher.eval(), data, dc.pool_size, latent, tcfg, dc, gen, pbar.update)
+            pool = TrajectoryPool.build(teacher.eval(), data, dc.pool_size, tcfg, dc, gen, pbar.update)
         print(f"distill: {dc.pool_size} teacher trajectories ({tcfg.steps} steps, w={dc.teacher_cfg_scale}) "
               f"in {time.time() - t0:.1f}s")
     if dc.method != "consistency_distillation":
