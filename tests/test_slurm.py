@@ -185,7 +185,7 @@ for step in range(start, steps):
             os.replace(ckpt / "latest.tmp", ckpt / "latest")
         dist.barrier()
         if flag.item():
-            print(f"rank {rank}: saved and stopping at step {step + 1} (signal {stop[0]})", flush=True)
+            print(f"rank {rank}: saved and stopping at step {step + 1} (signal {stop[0] if stop else 'seen by a peer first'})", flush=True)
             break
 dist.destroy_process_group()
 '''
