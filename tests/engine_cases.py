@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, SEQ = 4, 16
 
 
-def make_cfg(engine="native", tp=1, ep=1, sp=False, zero=2, precision="fp32", extra=()):
+def make_cfg(engine="native", tp=1, ep=1, sp=False, zero=2, precision="fp32", extra=(), etp=1):
     from training.config import load_config
     return load_config(ROOT / "configs/model/tiny.yaml", [
-        f"train.engine={engine}", f"parallel.tensor={tp}", f"parallel.expert={ep}",
+        f"train.engine={engine}", f"parallel.tensor={tp}", f"parallel.expert={ep}", f"parallel.expert_tensor={etp}",
         f"parallel.sequence_parallel={str(sp).lower()}", f"parallel.zero_stage={zero}",
         f"train.precision={precision}", f"train.global_batch_size={GLOBAL_BATCH}", "train.micro_batch_size=2",
         "train.seed=7", "train.grad_clip=1.0", "train.lr=1e-3", "train.weight_decay=0.1",

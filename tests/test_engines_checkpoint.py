@@ -15,20 +15,20 @@ pytestmark = pytest.mark.dist
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _train_and_save(rank, world, engine, tp, ep, run_dir, steps):
+def _train_and_save(rank, world, engine, tp, ep, run_dir, steps, etp=1):
     from training.checkpoint import CheckpointManager
     from training.engines import build_engine
-    cfg = make_cfg(engine, tp=tp, ep=ep)
+    cfg = make_cfg(engine, tp=tp, ep=ep, etp=etp)
     eng = build_engine(cfg)
     out = run_engine_steps(eng, cfg, steps=steps)
     path = CheckpointManager(run_dir, keep_last=2).save(eng, steps, {"rank": rank, "note": f"{engine}-r{rank}"})
     return {"path": str(path), **out}
 
 
-def _load_and_continue(rank, world, engine, tp, ep, zero, run_dir, start, steps=1):
+def _load_and_continue(rank, world, engine, tp, ep, zero, run_dir, start, steps=1, etp=1):
     from training.checkpoint import CheckpointManager
     from training.engines import build_engine
-    cfg = make_cfg(engine, tp=tp, ep=ep, zero=zero)
+    cfg = make_cfg(engine, tp=tp, ep=ep, zero=zero, etp=etp)
     eng = build_engine(cfg)
     ckpt = CheckpointManager(run_dir).latest_valid()
     extra = eng.load(ckpt)
@@ -62,6 +62,25 @@ def test_reshard_megatron_tp2_ep2_to_other_layouts_and_engines(tmp_path):
             assert r["extra"] == {"rank": rank, "note": f"megatron-r{rank}"}
 
 
+def test_reshard_expert_tensor_boxes(tmp_path):
+    """Experts saved as 2-D boxes (megatron TP=2 x EP=2 x ETP=2: expert rows over EP, intermediate dim over ETP)
+    read back as whole tensors, and into native ETP=2 with other boxes (EP=1), continuing like one process."""
+    ref = reference(make_cfg(), steps=2)
+    ref1 = reference(make_cfg(), steps=1)
+    saved = run_distributed(_train_and_save, 4, "megatron", 2, 2, tmp_path, 1, 2, timeout=240)
+    assert saved[0]["loss"][0] == pytest.approx(ref["loss"][0], rel=1e-5)
+    from training.engines.shard_format import full_state_dict_from_checkpoint
+    full = full_state_dict_from_checkpoint(saved[0]["path"])
+    for k, v in ref1["state"].items():
+        torch.testing.assert_close(full[k], v, atol=2e-5, rtol=0)
+    for world, etp in [(1, 1), (2, 2)]:
+        res = run_distributed(_load_and_continue, world, "native", 1, 1, 0, tmp_path, 1, 1, etp, timeout=240)
+        assert res[0]["loss"] == pytest.approx(ref["loss"][1:], rel=1e-5), etp
+        assert res[0]["grad_norm"] == pytest.approx(ref["grad_norm"][1:], rel=1e-4), etp
+        worst = max(float((res[0]["state"][k] - ref["state"][k]).abs().max()) for k in ref["state"])
+        assert worst < 1e-4, f"etp={etp}: weights after resume differ by {worst}"
+
+
 def test_resume_same_layout_is_exact(tmp_path):
     """Train 3 steps straight vs. 1 step + save + fresh processes + load + 2 steps (native EP=2): identical."""
     def straight(rank, world):
@@ -83,13 +102,14 @@ def test_resume_same_layout_is_exact(tmp_path):
 
 def _load_hf(rank, world, path):
     from training.engines import build_engine
-    eng = build_engine(make_cfg("native", tp=2, ep=2, extra=("train.seed=3",)))  # other init: all from the file
+    # other init: all from the file; experts as 2-D boxes (4 experts x 16 of 32 intermediate rows on each rank)
+    eng = build_engine(make_cfg("native", tp=2, ep=2, etp=2, extra=("train.seed=3",)))
     eng.load_hf(path)
     return eng.full_state_dict()
 
 
 def test_hf_import_into_sharded_layout(tmp_path):
-    """An HF-format export of single-process weights, streamed into native TP=2 x EP=2 shards, round-trips."""
+    """An HF-format export of single-process weights, streamed into native TP=2 x EP=2 x ETP=2 shards, round-trips."""
     from training.hf_format import export_hf
     from training.model import build_model
     cfg = make_cfg()

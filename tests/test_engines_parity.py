@@ -26,44 +26,54 @@ def _reference(extra):
     return _refs[extra]
 
 
-def _train(rank, world, engine, tp, ep, sp, zero, extra):
+def _train(rank, world, engine, tp, ep, sp, zero, extra, etp):
     from training.engines import build_engine
-    cfg = make_cfg(engine, tp=tp, ep=ep, sp=sp, zero=zero, extra=extra)
+    cfg = make_cfg(engine, tp=tp, ep=ep, sp=sp, zero=zero, extra=extra, etp=etp)
     eng = build_engine(cfg)
     w = eng.world
-    assert (w.tp_size, w.ep_size, w.world_size) == (tp, ep, world)
-    if ep > 1:  # real expert parallelism: this rank holds only its slice of the fused experts
-        e = eng.unwrap().moe_layers()[0].experts.gate_proj
-        assert e.shape[0] == cfg.model.num_experts // ep
+    assert (w.tp_size, w.ep_size, w.etp_size, w.world_size) == (tp, ep, etp, world)
+    if world > 1:  # megatron's parallel_state and our own groups follow the one layout of world.py
+        import torch.distributed as dist
+        from training.engines.world import layout_groups
+        for group, lists in zip((w.dp_group, w.tp_group, w.ep_group, w.etp_group, w.edp_group),
+                                layout_groups(world, tp, ep, etp)):
+            if group is not None:
+                assert dist.get_process_group_ranks(group) == next(r for r in lists if rank in r)
+    # real expert (tensor) parallelism: this rank holds only its box of the fused experts [E, I, H]
+    e = eng.unwrap().moe_layers()[0].experts.gate_proj
+    assert tuple(e.shape[:2]) == (cfg.model.num_experts // ep, cfg.model.moe_intermediate_size // etp)
     out = run_engine_steps(eng, cfg)
     out["state"] = eng.full_state_dict()
     return out
 
 
 CASES = [
-    # engine, world, tp, ep, sp, zero
-    ("native", 2, 1, 2, False, 0),
-    ("native", 2, 2, 1, True, 0),
-    ("native", 4, 2, 2, False, 0),
-    ("megatron", 2, 2, 1, False, 0),
-    ("megatron", 2, 1, 2, False, 0),
-    ("megatron", 4, 2, 2, False, 0),
-    ("megatron", 4, 2, 2, True, 0),
-    ("deepspeed", 2, 1, 2, False, 2),
-    ("deepspeed", 2, 1, 1, False, 1),
-    ("deepspeed", 2, 2, 1, False, 2),
-    ("deepspeed", 4, 2, 2, False, 2),
+    # engine, world, tp, ep, sp, zero, etp
+    ("native", 2, 1, 2, False, 0, 1),
+    ("native", 2, 2, 1, True, 0, 1),
+    ("native", 4, 2, 2, False, 0, 1),
+    ("native", 2, 1, 1, False, 0, 2),  # expert-tensor parallel without EP: gather / reduce-scatter only
+    ("megatron", 2, 2, 1, False, 0, 1),
+    ("megatron", 2, 1, 2, False, 0, 1),
+    ("megatron", 4, 2, 2, False, 0, 1),
+    ("megatron", 4, 2, 2, True, 0, 1),
+    ("megatron", 4, 2, 2, False, 0, 2),  # every expert split over EP=2 x ETP=2: 4 distinct boxes, no EDP replica
+    ("deepspeed", 2, 1, 2, False, 2, 1),
+    ("deepspeed", 2, 1, 1, False, 1, 1),
+    ("deepspeed", 2, 2, 1, False, 2, 1),
+    ("deepspeed", 4, 2, 2, False, 2, 1),
 ]
 
 
-@pytest.mark.parametrize("engine,world,tp,ep,sp,zero", CASES,
-                         ids=[f"{c[0]}-w{c[1]}-tp{c[2]}-ep{c[3]}{'-sp' if c[4] else ''}-z{c[5]}" for c in CASES])
-def test_engine_matches_single_process(engine, world, tp, ep, sp, zero):
+@pytest.mark.parametrize("engine,world,tp,ep,sp,zero,etp", CASES,
+                         ids=[f"{c[0]}-w{c[1]}-tp{c[2]}-ep{c[3]}{f'-etp{c[6]}' if c[6] > 1 else ''}"
+                              f"{'-sp' if c[4] else ''}-z{c[5]}" for c in CASES])
+def test_engine_matches_single_process(engine, world, tp, ep, sp, zero, etp):
     # Under sequence parallelism the sequence-level balance loss is computed per sequence shard (documented), so
     # parity is checked with it off; the router z-loss stays on.
     extra = ("model.aux_loss_coeff=0",) if sp else ()
     ref = _reference(extra)
-    res = run_distributed(_train, world, engine, tp, ep, sp, zero, extra, timeout=240)
+    res = run_distributed(_train, world, engine, tp, ep, sp, zero, extra, etp, timeout=240)
     for r in res:  # every rank reports the same global loss and grad norm
         assert r["loss"] == pytest.approx(ref["loss"], rel=LOSS_TOL)
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=NORM_TOL)

@@ -20,6 +20,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
     ({"tp": 4}, 2, "parallel.tensor"),  # TP larger than the world
     ({"tp": 2, "ep": 4}, 2, "parallel.expert"),  # EP larger than the world
     ({"ep": 2}, 8, "train.global_batch_size"),  # 8 DP ranks x micro batch 2 > global batch 4
+    ({"ep": 2, "etp": 2}, 2, "parallel.expert_tensor"),  # EP x ETP = 4 expert boxes on 2 ranks
 ])
 def test_check_layout_rejects_impossible_worlds(overrides, world, key):
     from training.config import ConfigError
@@ -35,9 +36,11 @@ def test_config_and_engines_reject_unsupported_layouts():
         make_cfg(ep=3)  # 8 experts do not split over 3 ranks
     with pytest.raises(ConfigError, match="model.num_attention_heads"):
         make_cfg(tp=3)
+    with pytest.raises(ConfigError, match="model.moe_intermediate_size"):
+        make_cfg(etp=3)  # 32 intermediate rows do not split over 3 ranks
     from training.engines.megatron import MegatronEngine
-    with pytest.raises(ConfigError, match="parallel.expert_tensor=2"):
-        MegatronEngine(make_cfg("megatron", extra=("parallel.expert_tensor=2",)))
+    with pytest.raises(ConfigError, match="parallel.pipeline=2"):
+        MegatronEngine(make_cfg("megatron", extra=("parallel.pipeline=2", "model.num_hidden_layers=4")))
     from training.engines.deepspeed import DeepSpeedEngine
     with pytest.raises(ConfigError, match="parallel.expert_tensor=2"):
         DeepSpeedEngine(make_cfg("deepspeed", extra=("parallel.expert_tensor=2",)))

@@ -92,7 +92,7 @@ class Engine:
     def layout(self) -> dict:
         w = self.world
         return {"engine": self.name, "world_size": w.world_size, "tensor": w.tp_size, "expert": w.ep_size,
-                "data": w.dp_size, "sequence_parallel": w.sequence_parallel}
+                "expert_tensor": w.etp_size, "data": w.dp_size, "sequence_parallel": w.sequence_parallel}
 
     def _local_tensors(self) -> dict[str, torch.Tensor]:
         m = self.unwrap()
@@ -154,8 +154,9 @@ class Engine:
         self.world.barrier()
         saved = reader.meta.get("layout", {})
         if self.world.is_main:
-            log.info("loaded checkpoint %s (saved by %s tp=%s ep=%s world=%s) into %s %s", ckpt_dir,
-                     saved.get("engine"), saved.get("tensor"), saved.get("expert"), saved.get("world_size"),
+            log.info("loaded checkpoint %s (saved by %s tp=%s ep=%s etp=%s world=%s) into %s %s", ckpt_dir,
+                     saved.get("engine"), saved.get("tensor"), saved.get("expert"), saved.get("expert_tensor", 1),
+                     saved.get("world_size"),
                      self.name, self.world.describe())
         return extra
 
@@ -189,7 +190,10 @@ class Engine:
                 continue
             for local_start, global_start, n in spec.pieces:  # experts: dim 0 = expert id
                 if global_start <= t.expert < global_start + n:
-                    dst[local_start + t.expert - global_start].copy_(t.load().to(dst.dtype))
+                    one = t.load()
+                    if spec.sub is not None:  # ETP: this rank's range of the intermediate dim
+                        one = one.narrow(spec.sub[0] - 1, spec.sub[1], spec.sub[2])
+                    dst[local_start + t.expert - global_start].copy_(one.to(dst.dtype))
                     filled[t.target] = filled.get(t.target, 0) + 1
         report = check_complete(self.unwrap(), filled, want, unexpected, path)
         self._after_load_params()

@@ -98,7 +98,7 @@ class _WorldMpu:
 def _register_expert_groups(world: ParallelWorld, group_name: str) -> None:
     """Our expert / expert-data-parallel groups (world.py layout) as DeepSpeed's groups of `group_name`."""
     from deepspeed.utils import groups
-    _, _, ep_lists, edp_lists = layout_groups(world.world_size, world.tp_size, world.ep_size)
+    _, _, ep_lists, _, edp_lists = layout_groups(world.world_size, world.tp_size, world.ep_size)
     groups._EXPERT_PARALLEL_GROUP[group_name] = world.ep_group
     groups._EXPERT_PARALLEL_GROUP_RANKS[group_name] = next(r for r in ep_lists if world.rank in r)
     groups._EXPERT_DATA_PARALLEL_GROUP[group_name] = world.edp_group
@@ -115,7 +115,8 @@ class DeepSpeedEngine(Engine):
         for key in ("expert_tensor", "pipeline"):
             if getattr(par, key) != 1:
                 raise ConfigError(f"parallel.{key}={getattr(par, key)} is not allowed with train.engine=deepspeed: "
-                                  "must be 1 (not implemented)")
+                                  "must be 1 (not implemented; expert_tensor > 1 runs on train.engine=megatron "
+                                  "or native)")
         if par.zero_stage == 3:
             # DeepSpeed asserts its MoE out of ZeRO-3, and without experts sharded ZeRO-3 params would need
             # GatheredParameters around save/load/full_state_dict, which this engine does not do yet.

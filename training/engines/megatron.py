@@ -7,7 +7,7 @@ a second model definition whose numerics must then be kept equal to ours. Instea
 best at (process groups with MoE parallel folding, TP region mappings, bucketed DP grad reduction, the sharded
 optimizer and its grad-norm/clipping over the right groups) and the model stays the one definition.
 
-Layout: parallel_state.initialize_model_parallel(tp, ep, etp=1, pp=1). Expert params carry `allreduce=False`, so
+Layout: parallel_state.initialize_model_parallel(tp, ep, etp, pp=1). Expert params carry `allreduce=False`, so
 megatron DDP reduces them over the expert-data-parallel group with scale 1/DP and puts them in the expert optimizer;
 TP shards carry `tensor_model_parallel`, so the grad norm counts them on every TP rank and replicated params once.
 Params whose grads are partial over TP (router, shared expert, q/k norms, norms under SP) are summed over TP after
@@ -64,16 +64,19 @@ def _megatron_world(cfg) -> ParallelWorld:
     from megatron.core import parallel_state as ps
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=1,
-                                     expert_model_parallel_size=par.expert, expert_tensor_parallel_size=1)
+                                     expert_model_parallel_size=par.expert,
+                                     expert_tensor_parallel_size=par.expert_tensor)
     return ParallelWorld(
         rank=rank, world_size=world, device=device, backend=backend,
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
         ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ps.get_expert_model_parallel_world_size(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(), etp_size=ps.get_expert_tensor_parallel_world_size(),
         edp_rank=ps.get_expert_data_parallel_rank(), edp_size=ps.get_expert_data_parallel_world_size(),
         sequence_parallel=par.sequence_parallel and par.tensor > 1,
         dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group(),
-        ep_group=ps.get_expert_model_parallel_group(), edp_group=ps.get_expert_data_parallel_group())
+        ep_group=ps.get_expert_model_parallel_group(), etp_group=ps.get_expert_tensor_parallel_group(),
+        edp_group=ps.get_expert_data_parallel_group())
 
 
 class MegatronEngine(Engine):
@@ -83,10 +86,9 @@ class MegatronEngine(Engine):
         super().__init__(cfg)
         par = cfg.parallel
         from training.config import ConfigError
-        for key in ("expert_tensor", "pipeline"):
-            if getattr(par, key) != 1:
-                raise ConfigError(f"parallel.{key}={getattr(par, key)} is not allowed with train.engine=megatron: "
-                                  "must be 1 (not implemented for the LLaDA2 model yet)")
+        if par.pipeline != 1:
+            raise ConfigError(f"parallel.pipeline={par.pipeline} is not allowed with train.engine=megatron: "
+                              "must be 1 (not implemented for the LLaDA2 model yet)")
         compat.check_version()
         if not torch.cuda.is_available():
             compat.apply()
@@ -103,7 +105,7 @@ class MegatronEngine(Engine):
                                  tensor_model_parallel_size=par.tensor, expert_model_parallel_size=par.expert,
                                  sequence_parallel=self.world.sequence_parallel, use_cpu_initialization=True,
                                  num_moe_experts=m.num_experts, moe_router_topk=m.num_experts_per_tok,
-                                 expert_tensor_parallel_size=1, add_bias_linear=m.use_bias,
+                                 expert_tensor_parallel_size=par.expert_tensor, add_bias_linear=m.use_bias,
                                  params_dtype=torch.float32)
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=True, check_for_nan_in_grad=False)

@@ -4,7 +4,7 @@ parallel (all-to-all) over torch process groups; torch AdamW with fp32 master we
 Gradient reduction after backward, per parameter kind (derivation in docs/engines.md):
     tp_partial (router, shared expert, q/k norms; norms with SP)   sum over the TP group
     dense and TP shards                                            mean over the DP group
-    routed experts (one owner per EP group)                        sum over the expert-DP group, / DP size
+    routed experts (one owner per EP x ETP block)                  sum over the expert-DP group, / DP size
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def build_sharded_model(cfg, world: ParallelWorld, tp_comm=None):
     if world.tp_size > 1:
         apply_tensor_parallel(model, specs, world.tp_rank, world.tp_size, tp_comm or TorchTPComm(world.tp_group),
                               world.sequence_parallel)
-    shard_experts(model, specs, world.ep_rank, world.ep_size, world.ep_group)
+    shard_experts(model, specs, world)
     model.to_empty(device=world.device)
     init_local(model, specs, cfg.train.seed)
     assign_owners(specs, world)
@@ -50,12 +50,11 @@ class NativeEngine(Engine):
     def __init__(self, cfg, world: ParallelWorld | None = None):
         super().__init__(cfg)
         par = cfg.parallel
-        for key in ("expert_tensor", "pipeline"):
-            if getattr(par, key) != 1:
-                from training.config import ConfigError
-                raise ConfigError(f"parallel.{key}={getattr(par, key)} is not allowed with train.engine={self.name}: "
-                                  "must be 1 (not implemented)")
-        self.world = world or build_world(par.tensor, par.expert, par.sequence_parallel)
+        if par.pipeline != 1:
+            from training.config import ConfigError
+            raise ConfigError(f"parallel.pipeline={par.pipeline} is not allowed with train.engine={self.name}: "
+                              "must be 1 (not implemented)")
+        self.world = world or build_world(par.tensor, par.expert, par.sequence_parallel, etp=par.expert_tensor)
         self.model, self.specs = build_sharded_model(cfg, self.world)
         self._names = {p: n for n, p in self.model.named_parameters()}
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr,

@@ -6,7 +6,9 @@ full state dict (`load_full`), writing/reading reshardable checkpoints (`shard_f
 and counting each gradient element once in the global grad norm (`owner`).
 
 A local tensor is a concatenation, along one dim, of `pieces` of the global tensor; one piece for an ordinary
-row/column/expert shard, three for the fused `query_key_value` ([q | k | v] rows of this rank's heads).
+row/column/expert shard, three for the fused `query_key_value` ([q | k | v] rows of this rank's heads). Experts under
+expert-tensor parallelism are also cut along a second dim (`sub`: one contiguous range of the intermediate dim), so
+their local tensor is a 2-D box of the global one.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class ShardSpec:
     kind: str = "replicated"  # replicated | tp (split over the TP group) | expert (split over the EP group)
     tp_partial: bool = False  # grad is a partial sum over TP ranks (token split, head split, sequence parallel)
     owner: bool = True  # this rank is the one replica that writes it / counts it in the grad norm
+    sub: tuple[int, int, int] | None = None  # (dim, global_start, length): a range on a second dim (ETP experts)
 
     @classmethod
     def replicated(cls, shape) -> "ShardSpec":
@@ -34,6 +37,8 @@ class ShardSpec:
         shape = list(self.global_shape)
         if shape:
             shape[self.dim] = sum(p[2] for p in self.pieces)
+        if self.sub is not None:
+            shape[self.sub[0]] = self.sub[2]
         return tuple(shape)
 
     @property
@@ -52,6 +57,9 @@ class ShardSpec:
             offsets[self.dim], sizes[self.dim] = global_start, length
             local = [slice(None)] * nd
             local[self.dim] = slice(local_start, local_start + length)
+            if self.sub is not None:
+                d, start, n = self.sub
+                offsets[d], sizes[d] = start, n
             yield tuple(local), tuple(offsets), tuple(sizes)
 
     def slice_full(self, full: torch.Tensor) -> torch.Tensor:
@@ -60,6 +68,8 @@ class ShardSpec:
             raise ValueError(f"full tensor has shape {tuple(full.shape)}, expected {self.global_shape}")
         if self.is_full:
             return full
+        if self.sub is not None:
+            full = full.narrow(self.sub[0], self.sub[1], self.sub[2])
         return torch.cat([full.narrow(self.dim, g, n) for _, g, n in self.pieces], dim=self.dim)
 
 
@@ -73,7 +83,7 @@ def default_specs(model: torch.nn.Module) -> dict[str, ShardSpec]:
 
 def assign_owners(specs: dict[str, ShardSpec], world) -> None:
     """Exactly one rank owns each distinct piece: replicated -> rank 0; tp -> dp_rank 0 of each TP rank;
-    expert -> edp_rank 0 of each EP rank."""
+    expert -> edp_rank 0 of each (EP, ETP) rank."""
     for spec in specs.values():
         if spec.kind == "tp":
             spec.owner = world.dp_rank == 0

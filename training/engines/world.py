@@ -1,9 +1,9 @@
 """The parallel world: ranks, sizes and process groups, created once and passed around (never read from globals).
 
-Rank layout (the same for every engine, and the same as megatron-core's default order "tp-cp-ep-dp-pp" with
-expert-tensor-parallel 1, so "MoE parallel folding" holds):
-    dense grid   rank = dp_rank * tp + tp_rank              (tensor parallel ranks are neighbours)
-    expert grid  rank = edp_rank * ep + ep_rank             (expert parallel ranks are neighbours)
+Rank layout (the same for every engine, and the same as megatron-core's default order "tp-cp-ep-dp-pp" for both
+grids, so "MoE parallel folding" holds: the expert grid is laid out independently of the dense one):
+    dense grid   rank = dp_rank * tp + tp_rank                              (tensor parallel ranks are neighbours)
+    expert grid  rank = edp_rank * (ep * etp) + ep_rank * etp + etp_rank    (expert-tensor ranks are neighbours)
 An expert-parallel group may therefore overlap a tensor-parallel group (TP=2 x EP=2 on 4 ranks: both are {0,1} and
 {2,3}); the MoE layer splits the TP-replicated tokens between TP ranks before dispatch (see tensor_parallel.py).
 """
@@ -28,6 +28,8 @@ class ParallelWorld:
     tp_size: int = 1
     ep_rank: int = 0
     ep_size: int = 1
+    etp_rank: int = 0  # expert-tensor-parallel: each expert's intermediate dim split over these ranks
+    etp_size: int = 1
     edp_rank: int = 0  # expert-data-parallel: replicas of the same expert shard
     edp_size: int = 1
     sequence_parallel: bool = False
@@ -36,6 +38,7 @@ class ParallelWorld:
     dp_group: Any = None
     tp_group: Any = None
     ep_group: Any = None
+    etp_group: Any = None
     edp_group: Any = None
 
     @property
@@ -48,7 +51,7 @@ class ParallelWorld:
 
     def describe(self) -> str:
         return (f"world={self.world_size} dp={self.dp_size} tp={self.tp_size}{'+sp' if self.sequence_parallel else ''}"
-                f" ep={self.ep_size} edp={self.edp_size} backend={self.backend} device={self.device}")
+                f" ep={self.ep_size}{f' etp={self.etp_size}' if self.etp_size > 1 else ''} edp={self.edp_size} backend={self.backend} device={self.device}")
 
     def barrier(self) -> None:
         if self.distributed:
@@ -73,33 +76,37 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device, str
     return dist.get_rank(), dist.get_world_size(), device, dist.get_backend()
 
 
-def layout_groups(world_size: int, tp: int, ep: int):
-    """Rank lists of every group in the layout above: (dp, tp, ep, edp) lists of lists. Pure, for tests too."""
+def layout_groups(world_size: int, tp: int, ep: int, etp: int = 1):
+    """Rank lists of every group in the layout above: (dp, tp, ep, etp, edp) lists of lists. Pure, for tests too."""
     if world_size % tp:
         raise ValueError(f"world size {world_size} is not divisible by parallel.tensor={tp}")
-    if world_size % ep:
-        raise ValueError(f"world size {world_size} is not divisible by parallel.expert={ep}")
-    dp = world_size // tp
+    if world_size % (ep * etp):
+        raise ValueError(f"world size {world_size} is not divisible by parallel.expert x parallel.expert_tensor="
+                         f"{ep * etp}")
+    dp, grid = world_size // tp, ep * etp
     tp_groups = [list(range(d * tp, (d + 1) * tp)) for d in range(dp)]
     dp_groups = [list(range(t, world_size, tp)) for t in range(tp)]
-    ep_groups = [list(range(e * ep, (e + 1) * ep)) for e in range(world_size // ep)]
-    edp_groups = [list(range(r, world_size, ep)) for r in range(ep)]
-    return dp_groups, tp_groups, ep_groups, edp_groups
+    blocks = range(0, world_size, grid)  # one block of ep x etp ranks per expert-data-parallel replica
+    ep_groups = [[b + e * etp + j for e in range(ep)] for b in blocks for j in range(etp)]
+    etp_groups = [[b + e * etp + j for j in range(etp)] for b in blocks for e in range(ep)]
+    edp_groups = [list(range(r, world_size, grid)) for r in range(grid)]
+    return dp_groups, tp_groups, ep_groups, etp_groups, edp_groups
 
 
-def build_world(tp: int, ep: int, sequence_parallel: bool = False, timeout_s: int = 1800) -> ParallelWorld:
+def build_world(tp: int, ep: int, sequence_parallel: bool = False, timeout_s: int = 1800,
+                etp: int = 1) -> ParallelWorld:
     """Torch-native groups for the native and deepspeed engines (megatron builds its own through parallel_state)."""
     rank, world, device, backend = init_distributed(timeout_s)
-    dp_groups, tp_groups, ep_groups, edp_groups = layout_groups(world, tp, ep)
-    w = ParallelWorld(rank=rank, world_size=world, tp_size=tp, ep_size=ep, dp_size=world // tp,
-                      edp_size=world // ep, sequence_parallel=sequence_parallel and tp > 1, device=device,
+    dp_groups, tp_groups, ep_groups, etp_groups, edp_groups = layout_groups(world, tp, ep, etp)
+    w = ParallelWorld(rank=rank, world_size=world, tp_size=tp, ep_size=ep, etp_size=etp, dp_size=world // tp,
+                      edp_size=world // (ep * etp), sequence_parallel=sequence_parallel and tp > 1, device=device,
                       backend=backend)
     w.tp_rank, w.dp_rank = rank % tp, rank // tp
-    w.ep_rank, w.edp_rank = rank % ep, rank // ep
+    w.etp_rank, w.ep_rank, w.edp_rank = rank % etp, rank // etp % ep, rank // (ep * etp)
     if world > 1:
         # new_group is collective over the whole world: every rank creates every group, keeps its own.
         for name, lists in (("dp_group", dp_groups), ("tp_group", tp_groups), ("ep_group", ep_groups),
-                            ("edp_group", edp_groups)):
+                            ("etp_group", etp_groups), ("edp_group", edp_groups)):
             for ranks in lists:
                 g = dist.new_group(ranks)
                 if rank in ranks:
