@@ -8,10 +8,10 @@ measured in the same run:
     shape timed in the same process (an achievable-peak baseline, not the vendor peak).
 
 Each engine runs in its own process (megatron/deepspeed keep global state), single rank by default; --world 2
---expert 2 runs real expert parallelism over gloo.
+--expert 2 runs real expert parallelism over gloo, --expert-tensor 2 expert-tensor parallelism (native/megatron).
 
     python bench/bench_engines.py [--configs tiny small] [--engines native megatron deepspeed] [--steps 3]
-                                  [--world 1] [--expert 1] [--out bench/results/bench_engines.json]
+                                  [--world 1] [--expert 1] [--expert-tensor 1] [--out bench/results/bench_engines.json]
 """
 from __future__ import annotations
 
@@ -38,11 +38,12 @@ SMALL = ["model.vocab_size=8192", "model.image_token_offset=8000", "model.hidden
 SETTINGS = {"tiny": {"overrides": [], "seq": 128, "micro": 2}, "small": {"overrides": SMALL, "seq": 256, "micro": 2}}
 
 
-def _cfg(name, engine, world, expert):
+def _cfg(name, engine, world, expert, etp=1):
     from training.config import load_config
     s = SETTINGS[name]
     return load_config(ROOT / "configs/model/tiny.yaml", [
-        *s["overrides"], f"train.engine={engine}", f"parallel.expert={expert}", "parallel.zero_stage=2",
+        *s["overrides"], f"train.engine={engine}", f"parallel.expert={expert}",
+        f"parallel.expert_tensor={etp}", "parallel.zero_stage=2",
         "train.precision=fp32", f"train.micro_batch_size={s['micro']}",
         f"train.global_batch_size={s['micro'] * world}", f"train.seq_len={s['seq']}"])
 
@@ -74,7 +75,7 @@ def dense_matmul_flops(tokens: int, hidden: int, inter: int, repeats: int = 20) 
     return 2.0 * tokens * hidden * inter / statistics.median(times)
 
 
-def _engine_worker(rank, world, port, name, engine, expert, steps, out_dir):
+def _engine_worker(rank, world, port, name, engine, expert, steps, out_dir, etp=1):
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     if world == 1:
@@ -83,7 +84,7 @@ def _engine_worker(rank, world, port, name, engine, expert, steps, out_dir):
     import torch
     import torch.nn.functional as F
     from training.engines import build_engine
-    cfg = _cfg(name, engine, world, expert)
+    cfg = _cfg(name, engine, world, expert, etp)
     eng = build_engine(cfg)
     s = SETTINGS[name]
     gen = torch.Generator().manual_seed(rank)
@@ -116,13 +117,13 @@ def _engine_worker(rank, world, port, name, engine, expert, steps, out_dir):
     os._exit(0)
 
 
-def run_engine(name, engine, world, expert, steps) -> dict:
+def run_engine(name, engine, world, expert, steps, etp=1) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
         ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=_engine_worker, args=(r, world, port, name, engine, expert, steps, d))
+        procs = [ctx.Process(target=_engine_worker, args=(r, world, port, name, engine, expert, steps, d, etp))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -199,13 +200,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--world", type=int, default=1)
     ap.add_argument("--expert", type=int, default=1)
+    ap.add_argument("--expert-tensor", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench/results/bench_engines.json"))
     args = ap.parse_args(argv)
     from tqdm import tqdm
-    results = {"world": args.world, "expert": args.expert, "engines": {}, "experts": {}}
+    results = {"world": args.world, "expert": args.expert, "expert_tensor": args.expert_tensor, "engines": {},
+               "experts": {}}
     jobs = [(c, e) for c in args.configs for e in args.engines]
     for c, e in tqdm(jobs, desc="engines"):
-        results["engines"][f"{c}/{e}"] = r = run_engine(c, e, args.world, args.expert, args.steps)
+        results["engines"][f"{c}/{e}"] = r = run_engine(c, e, args.world, args.expert, args.steps, args.expert_tensor)
         tqdm.write(f"{c:6s} {e:10s} " + (f"{r['tokens_per_s']:9.0f} tok/s  {r['model_flops_per_s'] / 1e9:7.2f} "
                                           f"GFLOP/s  = {r['flops_ratio']:.2f} x dense matmul"
                                           if "error" not in r else r["error"]))
