@@ -22,7 +22,7 @@ class ShardSpec:
     global_shape: tuple[int, ...]
     dim: int = 0
     pieces: list[tuple[int, int, int]] = field(default_factory=list)  # (local_start, global_start, length) on dim
-    kind: str = "replicated"  # replicated | tp (split over the TP group) | expert (split over the EP group)
+    kind: str = "replicated"  # replicated | tp (split over the TP group) | expert (split over EP and ETP)
     tp_partial: bool = False  # grad is a partial sum over TP ranks (token split, head split, sequence parallel)
     owner: bool = True  # this rank is the one replica that writes it / counts it in the grad norm
     sub: tuple[int, int, int] | None = None  # (dim, global_start, length): a range on a second dim (ETP experts)
