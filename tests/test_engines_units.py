@@ -48,6 +48,45 @@ def test_config_and_engines_reject_unsupported_layouts():
         DeepSpeedEngine(make_cfg("deepspeed", ep=2, zero=3))
 
 
+# ---- a distributed optimizer's flat ranges as boxes of the global tensor -----------------------------------------
+
+@pytest.mark.unit
+def test_flat_ranges_map_to_global_boxes():
+    """Split a local tensor's flat order into random DP ranges; the boxes of every range, placed in the global
+    tensor, rebuild exactly what the whole local tensor's pieces give (fused q|k|v pieces, an ETP sub-range)."""
+    import random
+    from training.engines.sharding import ShardSpec, flat_range_boxes, range_entries
+    rng = random.Random(0)
+    specs = [ShardSpec((12, 6), 0, [(0, 1, 2), (2, 5, 1), (3, 9, 2)], kind="tp"),  # 3 pieces on dim 0
+             ShardSpec((4, 10, 3), 0, [(0, 2, 2)], kind="expert", sub=(1, 4, 5)),  # EP rows x ETP intermediate
+             ShardSpec((7, 5), 1, [(0, 3, 2)], kind="tp"),  # row-parallel: a column block
+             ShardSpec.replicated(())]
+    for spec in specs:
+        local = torch.randn(spec.local_shape)
+        want = torch.zeros(spec.global_shape)
+        for loc, off, size in spec.boxes():
+            want[tuple(slice(o, o + z) for o, z in zip(off, size))] = local[loc]
+        for _ in range(20):
+            n = local.numel()
+            cuts = sorted({0, n, *(rng.randrange(n + 1) for _ in range(rng.randint(0, 4)))})
+            got = torch.full(spec.global_shape, float("nan"))
+            for a, b in zip(cuts, cuts[1:]):
+                assert len(flat_range_boxes(spec.local_shape, a, b)) <= max(1, 2 * len(spec.local_shape) - 1)
+                for off, size, vals in range_entries(spec, a, local.reshape(-1)[a:b]):
+                    assert tuple(vals.shape) == tuple(size)
+                    got[tuple(slice(o, o + z) for o, z in zip(off, size))] = vals
+            covered = ~torch.isnan(got)
+            assert torch.equal(covered, _mask(spec)) and covered.sum() == local.numel()
+            assert torch.equal(got[covered], want[covered])
+
+
+def _mask(spec):
+    m = torch.zeros(spec.global_shape, dtype=torch.bool)
+    for _, off, size in spec.boxes():
+        m[tuple(slice(o, o + z) for o, z in zip(off, size))] = True
+    return m
+
+
 # ---- shard format: write under one layout, read under another -------------------------------------------------
 
 @pytest.mark.unit

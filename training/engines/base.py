@@ -2,7 +2,8 @@
 
 An engine subclass builds `self.model` (possibly wrapped), `self.specs` (a `ShardSpec` per parameter and buffer of
 the unwrapped model) and an optimizer, and implements backward/step plus three small hooks that expose the AdamW
-moments in model space (`_get_optim_state`, `_set_optim_state`, `_optim_step`). Everything else lives here once.
+moments in model space (`_get_optim_state` or, for an optimizer sharded by flat ranges, `_optim_entries`;
+`_set_optim_state`, `_optim_step`). Everything else lives here once.
 """
 from __future__ import annotations
 
@@ -80,6 +81,17 @@ class Engine:
         """{param name: {"exp_avg": local-shaped, "exp_avg_sq": local-shaped}} (collective for sharded optimizers)."""
         raise NotImplementedError
 
+    def _optim_entries(self) -> list[tuple]:
+        """Shard-format entries (key, global_shape, offsets, sizes, tensor) of the AdamW moments this rank writes:
+        by default the whole local moments of the pieces it owns. Collective where `_get_optim_state` is."""
+        optim, entries = self._get_optim_state(), []
+        for name, st in optim.items():
+            spec = self.specs[name]
+            if spec.owner:
+                entries += [(f"optim.{k}/{name}", spec.global_shape, offsets, sizes, st[k][local])
+                            for local, offsets, sizes in spec.boxes() for k in MOMENTS if k in st]
+        return entries
+
     def _set_optim_state(self, states: dict[str, dict[str, torch.Tensor]], step: int) -> None:
         raise NotImplementedError
 
@@ -107,17 +119,11 @@ class Engine:
         t0 = time.time()
         ckpt_dir = Path(ckpt_dir)
         w = self.world
-        optim = self._get_optim_state()  # collective: every rank calls it
-        entries = []
+        entries = self._optim_entries()  # collective: every rank calls it
         for name, t in self._local_tensors().items():
             spec = self.specs[name]
-            if not spec.owner:
-                continue
-            for local, offsets, sizes in spec.boxes():
-                entries.append((name, spec.global_shape, offsets, sizes, t[local]))
-                for k in MOMENTS:
-                    if name in optim and k in optim[name]:
-                        entries.append((f"optim.{k}/{name}", spec.global_shape, offsets, sizes, optim[name][k][local]))
+            if spec.owner:
+                entries += [(name, spec.global_shape, offsets, sizes, t[local]) for local, offsets, sizes in spec.boxes()]
         write_rank_shards(ckpt_dir, w.rank, entries)
         (ckpt_dir / "extra").mkdir(parents=True, exist_ok=True)
         torch.save(extra, ckpt_dir / "extra" / f"rank{w.rank:05d}.pt")

@@ -159,7 +159,7 @@ class MegatronEngine(Engine):
             self.model.zero_grad_buffer()
         return {"grad_norm": norm, "skipped": skipped}
 
-    # ---- optimizer state in model space: gather each param's DP-sharded range (distributed optimizer) --------
+    # ---- optimizer state in model space: each param's DP-sharded range (distributed optimizer) ----------------
     def _owning(self, param):
         """(optimizer, range of the flattened param held on this DP rank, or None): the dense or the expert
         DistributedOptimizer; a rank whose DP shard does not overlap the param holds none of it."""
@@ -172,21 +172,25 @@ class MegatronEngine(Engine):
                 return opt, None
         raise KeyError("parameter not handled by any megatron optimizer")
 
-    def _get_optim_state(self):
-        out = {}
+    def _optim_entries(self):
+        """Each rank writes the Adam moments of its own distributed-optimizer range, as boxes of the global tensor:
+        no gather over data parallel (megatron's fully sharded model-space layout). Replicated params have the same
+        ranges on every TP rank: TP rank 0 writes them."""
+        from training.engines.sharding import range_entries
+        entries = []
         for n, p in self._module.named_parameters():
+            spec = self.specs[n]
+            if spec.kind == "replicated" and self.world.tp_rank != 0:
+                continue
             opt, rng = self._owning(p)
-            full = {k: torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for k in MOMENTS}
-            if rng is not None:
-                st = opt._get_main_param_and_optimizer_states(p)
-                for k in MOMENTS:
-                    if k in st:
-                        full[k][rng.start:rng.end] = st[k].reshape(-1)
+            if rng is None:
+                continue
+            st = opt._get_main_param_and_optimizer_states(p)
             for k in MOMENTS:
-                if opt.data_parallel_group.size() > 1:
-                    dist.all_reduce(full[k], group=opt.data_parallel_group)
-            out[n] = {k: full[k].view_as(p) for k in MOMENTS}
-        return out
+                if k in st:
+                    entries += [(f"optim.{k}/{n}", spec.global_shape, off, size, box)
+                                for off, size, box in range_entries(spec, rng.start, st[k])]
+        return entries
 
     def _set_optim_state(self, states, step: int) -> None:
         if not states:

@@ -12,6 +12,7 @@ their local tensor is a 2-D box of the global one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,56 @@ class ShardSpec:
         if self.sub is not None:
             full = full.narrow(self.sub[0], self.sub[1], self.sub[2])
         return torch.cat([full.narrow(self.dim, g, n) for _, g, n in self.pieces], dim=self.dim)
+
+
+def flat_range_boxes(shape, start: int, end: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Cover elements [start, end) of a C-contiguous tensor of `shape` (flat order) with boxes (offsets, sizes),
+    returned in flat order; each box is itself a contiguous run of that range (at most 2 x ndim - 1 boxes)."""
+    shape = tuple(shape)
+    if start >= end:
+        return []
+    if not shape:
+        return [((), ())]
+    inner = math.prod(shape[1:])
+    (r0, c0), (r1, c1) = divmod(start, inner), divmod(end, inner)
+    rest = (0,) * (len(shape) - 1)
+    row = lambda r, lo, hi: [((r,) + o, (1,) + z) for o, z in flat_range_boxes(shape[1:], lo, hi)]
+    if r0 == r1:  # inside one row
+        return row(r0, c0, c1)
+    out = []
+    if c0:  # the partial first row
+        out += row(r0, c0, inner)
+        r0 += 1
+    if r1 > r0:  # whole rows
+        out.append(((r0,) + rest, (r1 - r0,) + shape[1:]))
+    if c1:  # the partial last row
+        out += row(r1, 0, c1)
+    return out
+
+
+def range_entries(spec: ShardSpec, start: int, data: torch.Tensor):
+    """Global boxes of a flat range of the *local* tensor (e.g. a distributed optimizer's slice of a param's Adam
+    moment): yields (global_offsets, sizes, values) with values of shape `sizes`, so a rank can write the part it
+    holds without gathering the whole tensor."""
+    local_shape, data = spec.local_shape, data.reshape(-1)
+    used = 0
+    for offsets, sizes in flat_range_boxes(local_shape, start, start + data.numel()):
+        n = math.prod(sizes)
+        box = data[used:used + n].view(sizes)
+        used += n
+        if not local_shape:
+            yield (), (), box
+            continue
+        d = spec.dim
+        for local_start, global_start, length in spec.pieces:  # a box may straddle pieces (e.g. q | k | v)
+            lo, hi = max(offsets[d], local_start), min(offsets[d] + sizes[d], local_start + length)
+            if lo >= hi:
+                continue
+            g_off, g_size = list(offsets), list(sizes)
+            g_off[d], g_size[d] = global_start + lo - local_start, hi - lo
+            if spec.sub is not None:
+                g_off[spec.sub[0]] += spec.sub[1]
+            yield tuple(g_off), tuple(g_size), box.narrow(d, lo - offsets[d], hi - lo)
 
 
 def default_specs(model: torch.nn.Module) -> dict[str, ShardSpec]:
