@@ -66,7 +66,14 @@ def cmd_hf_export(cfg, args) -> int:
 
 
 def cmd_train(cfg, args) -> int:
+    import signal
+
     from training.trainer import train
 
     train(cfg)
+    # Stopped (signal or done) with the checkpoint saved: a SLURM USR1/TERM still in flight to this rank (it may
+    # learn of the stop from a peer first) must not kill it while Python finalizes (the handlers revert to the
+    # default then), or the batch script sees a failed rank and does not requeue.
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
     return 0

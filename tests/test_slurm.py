@@ -188,6 +188,8 @@ for step in range(start, steps):
             print(f"rank {rank}: saved and stopping at step {step + 1} (signal {stop[0] if stop else 'seen by a peer first'})", flush=True)
             break
 dist.destroy_process_group()
+for s in (signal.SIGUSR1, signal.SIGTERM):  # as `unidiff train`: a signal still in flight must not kill the exit
+    signal.signal(s, signal.SIG_IGN)
 '''
 
 
