@@ -38,26 +38,34 @@ def _load_and_continue(rank, world, engine, tp, ep, zero, run_dir, start, steps=
     return out
 
 
+def _check_continues(res, ref, label):
+    """Every rank's resumed step equals the uninterrupted single-process run's next step (loss, grad norm,
+    weights)."""
+    for r in res:
+        assert r["loss"] == pytest.approx(ref["loss"][1:], rel=1e-5), label
+        assert r["grad_norm"] == pytest.approx(ref["grad_norm"][1:], rel=1e-4), label
+    worst = max(float((res[0]["state"][k] - ref["state"][k]).abs().max()) for k in ref["state"])
+    assert worst < 1e-4, f"{label}: weights after resume differ by {worst}"
+
+
+def _check_file_weights(path, ref1):
+    """The checkpoint alone (no engine, no process group) gives the full weights after one step."""
+    from training.engines.shard_format import full_state_dict_from_checkpoint
+    full = full_state_dict_from_checkpoint(path)
+    assert set(full) == set(ref1["state"])
+    for k, v in ref1["state"].items():
+        torch.testing.assert_close(full[k], v, atol=2e-5, rtol=0)
+
+
 def test_reshard_megatron_tp2_ep2_to_other_layouts_and_engines(tmp_path):
     ref = reference(make_cfg(), steps=2)
     ref1 = reference(make_cfg(), steps=1)
     saved = run_distributed(_train_and_save, 4, "megatron", 2, 2, tmp_path, 1, timeout=240)
     assert saved[0]["loss"][0] == pytest.approx(ref["loss"][0], rel=1e-5)
-
-    # The checkpoint alone (no engine, no process group) gives the full weights after one step.
-    from training.engines.shard_format import full_state_dict_from_checkpoint
-    full = full_state_dict_from_checkpoint(saved[0]["path"])
-    assert set(full) == set(ref1["state"])
-    for k, v in ref1["state"].items():
-        torch.testing.assert_close(full[k], v, atol=2e-5, rtol=0)
-
+    _check_file_weights(saved[0]["path"], ref1)
     for engine, world, tp, ep, zero in [("native", 1, 1, 1, 0), ("deepspeed", 2, 1, 2, 2), ("megatron", 2, 2, 1, 0)]:
         res = run_distributed(_load_and_continue, world, engine, tp, ep, zero, tmp_path, 1, timeout=240)
-        for r in res:
-            assert r["loss"] == pytest.approx(ref["loss"][1:], rel=1e-5), engine
-            assert r["grad_norm"] == pytest.approx(ref["grad_norm"][1:], rel=1e-4), engine
-        worst = max(float((res[0]["state"][k] - ref["state"][k]).abs().max()) for k in ref["state"])
-        assert worst < 1e-4, f"{engine}: weights after resume differ by {worst}"
+        _check_continues(res, ref, engine)
         for rank, r in enumerate(res):  # each rank gets its own extra state back (the saving run had 4 ranks)
             assert r["extra"] == {"rank": rank, "note": f"megatron-r{rank}"}
 
@@ -69,16 +77,10 @@ def test_reshard_expert_tensor_boxes(tmp_path):
     ref1 = reference(make_cfg(), steps=1)
     saved = run_distributed(_train_and_save, 4, "megatron", 2, 2, tmp_path, 1, 2, timeout=240)
     assert saved[0]["loss"][0] == pytest.approx(ref["loss"][0], rel=1e-5)
-    from training.engines.shard_format import full_state_dict_from_checkpoint
-    full = full_state_dict_from_checkpoint(saved[0]["path"])
-    for k, v in ref1["state"].items():
-        torch.testing.assert_close(full[k], v, atol=2e-5, rtol=0)
+    _check_file_weights(saved[0]["path"], ref1)
     for world, etp in [(1, 1), (2, 2)]:
         res = run_distributed(_load_and_continue, world, "native", 1, 1, 0, tmp_path, 1, 1, etp, timeout=240)
-        assert res[0]["loss"] == pytest.approx(ref["loss"][1:], rel=1e-5), etp
-        assert res[0]["grad_norm"] == pytest.approx(ref["grad_norm"][1:], rel=1e-4), etp
-        worst = max(float((res[0]["state"][k] - ref["state"][k]).abs().max()) for k in ref["state"])
-        assert worst < 1e-4, f"etp={etp}: weights after resume differ by {worst}"
+        _check_continues(res, ref, f"native etp={etp}")
 
 
 def test_resume_same_layout_is_exact(tmp_path):
@@ -126,11 +128,7 @@ def test_reshard_deepspeed_tp2_to_native_and_deepspeed_tp2_ep2(tmp_path):
     assert saved[0]["loss"][0] == pytest.approx(ref["loss"][0], rel=1e-5)
     for engine, world, tp, ep, zero in [("native", 1, 1, 1, 0), ("deepspeed", 4, 2, 2, 2)]:
         res = run_distributed(_load_and_continue, world, engine, tp, ep, zero, tmp_path, 1, timeout=240)
-        for r in res:
-            assert r["loss"] == pytest.approx(ref["loss"][1:], rel=1e-5), engine
-            assert r["grad_norm"] == pytest.approx(ref["grad_norm"][1:], rel=1e-4), engine
-        worst = max(float((res[0]["state"][k] - ref["state"][k]).abs().max()) for k in ref["state"])
-        assert worst < 1e-4, f"{engine}: weights after resume differ by {worst}"
+        _check_continues(res, ref, engine)
 
 
 def _save_before_first_step(rank, world, run_dir):
