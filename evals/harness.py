@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import traceback
@@ -24,6 +25,7 @@ import torch
 
 from evals.context import EvalContext, TaskResult
 from evals.tasks import get_task
+from training import accelerator
 
 
 def run_tasks(ctx: EvalContext, names: list[str]) -> list[TaskResult]:
@@ -104,7 +106,7 @@ def decoder_fn(source, steps: int = 0):
 
 def build_context(cfg, rank: int = 0, world: int = 1, device=None, out_dir: Path | None = None) -> EvalContext:
     e = cfg.eval
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or accelerator.device_for(int(os.environ.get("LOCAL_RANK", "0"))))
     ctx = EvalContext(cfg=cfg, device=device, rank=rank, world=world, run_dir=Path(cfg.run_dir), out_dir=out_dir)
     meta = {}
 

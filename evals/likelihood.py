@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training.accelerator import all_reduce_host
 from training.diffusion.masks import training_mask
 
 
@@ -156,8 +157,7 @@ def all_reduce_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return sums
     keys = sorted(k for k in sums if k != "mc")
-    flat = torch.stack([sums[k] for k in keys])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = all_reduce_host(torch.stack([sums[k] for k in keys]))  # through the device under NCCL
     return {**{k: flat[i] for i, k in enumerate(keys)}, "mc": sums["mc"]}
 
 

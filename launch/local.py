@@ -22,9 +22,9 @@ def add_flags(p) -> None:
 
 
 def _visible_gpus() -> int:
-    import torch
+    from training.accelerator import gpus_visible
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus_visible()
 
 
 def torchrun_argv(nproc: int, command: str, words: list[str]) -> list[str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training import accelerator
 from training.config import Config, save_config
 
 
@@ -67,9 +68,51 @@ def _any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (so all ranks save and stop at the same step)."""
     if not torch.distributed.is_initialized():
         return flag
-    t = torch.tensor([int(flag)])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    t = accelerator.all_reduce_host(torch.tensor([int(flag)]), op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The loader yields host tensors; every step moves them to the engine's device here, and only here."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(engine, batches, accum: int, cfg, step: int, specials) -> tuple[dict, dict, list]:
+    """One optimizer step over `accum` micro-batches: what the trainer runs and `unidiff plan` rehearses.
+    Returns (micro-batch means of the loss metrics as device tensors, the engine's step result, per-layer expert
+    loads summed over data parallel). No host synchronisation here but the engine's own (grad norm)."""
+    from training.diffusion import diffusion_loss
+
+    engine.model.train()
+    sums: dict = {}
+    loads = None
+    for _ in range(accum):
+        batch = to_device(next(batches), engine.world.device)
+        with engine.autocast():
+            loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials)
+        engine.backward(loss / accum)
+        for k, v in metrics.items():
+            # tensors are averaged over micro-batches; plain numbers (block_size) are per-step constants
+            sums[k] = sums.get(k, 0) + v.detach().float() / accum if torch.is_tensor(v) else v
+        sums["tokens"] = sums.get("tokens", 0) + batch["input_ids"].numel()
+        router = engine.unwrap().last_router
+        loads = [s.load for s in router] if loads is None else [a + s.load for a, s in zip(loads, router)]
+    result = engine.step(lr_at(step, cfg))
+    loads = [engine.all_reduce_dp(l.clone()) for l in loads or []]
+    if loads and cfg.model.expert_bias_update_rate > 0 and not result["skipped"]:
+        engine.unwrap().update_expert_bias(loads, cfg.model.expert_bias_update_rate)
+    if loads:
+        sums["router_entropy"] = sum(s.entropy for s in router) / len(router)
+        for i, load in enumerate(loads):
+            sums[f"expert_load_max_over_mean/layer{i}"] = load.max() / load.mean().clamp_min(1e-9)
+    return sums, result, loads
+
+
+def host_metrics(sums: dict) -> dict[str, float]:
+    """Device metric tensors -> floats with one device-to-host copy per step (not one per metric)."""
+    keys = [k for k, v in sums.items() if torch.is_tensor(v)]
+    values = torch.stack([sums[k].float().reshape(()) for k in keys]).tolist() if keys else []
+    return {**{k: float(v) for k, v in sums.items() if not torch.is_tensor(v)}, **dict(zip(keys, values))}
 
 
 def _rng_state() -> dict:
@@ -86,7 +129,6 @@ def train(cfg: Config) -> dict:
     from data_pipeline.loader import build_loader
     from data_pipeline.layout import specials_for
     from training.checkpoint import CheckpointManager
-    from training.diffusion import diffusion_loss
     from training.engines import build_engine
     from training.tracking import Tracker
 
@@ -131,35 +173,12 @@ def train(cfg: Config) -> dict:
     steps_this_run = 0
     for step in range(start, cfg.train.steps):
         lr = lr_at(step, cfg)
-        engine.model.train()
-        sums: dict[str, float] = {}
-        tokens = 0
-        loads = None
-        for _ in range(accum):
-            batch = next(batches)
-            with engine.autocast():
-                loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials)
-            engine.backward(loss / accum)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
-            tokens += batch["input_ids"].numel()
-            router = engine.unwrap().last_router
-            loads = [s.load for s in router] if loads is None else [a + s.load for a, s in zip(loads, router)]
-        result = engine.step(lr)
+        sums, result, loads = train_step(engine, batches, accum, cfg, step, specials)
+        sums = host_metrics(sums)
+        tokens = int(sums.pop("tokens"))
         skipped = bool(result["skipped"])
         nonfinite_run = nonfinite_run + 1 if skipped else 0
         skipped_total += int(skipped)
-
-        moe_metrics = {}
-        if router:
-            loads = [engine.all_reduce_dp(l.clone()) for l in loads]
-            if cfg.model.expert_bias_update_rate > 0 and not skipped:
-                engine.unwrap().update_expert_bias(loads, cfg.model.expert_bias_update_rate)
-            for i, load in enumerate(loads):
-                moe_metrics[f"expert_load_max_over_mean/layer{i}"] = float(load.max() / load.mean().clamp_min(1e-9))
-            moe_metrics["router_entropy"] = float(sum(s.entropy for s in router) / len(router))
-            if is_main:
-                torch.save([l.cpu() for l in loads], run_dir / "expert_load_last.pt")
 
         block = int(sums.get("block_size", cfg.train.seq_len))
         now = time.perf_counter()
@@ -169,7 +188,7 @@ def train(cfg: Config) -> dict:
         achieved = flops_per_token(model_cfg, ctx) * global_tokens * (ctx / cfg.train.seq_len) / dt
         last = {**sums, "lr": lr, "grad_norm": result["grad_norm"], "block_size": block,
                 "tokens_per_s": global_tokens / dt, "mfu": achieved / (cfg.train.peak_flops * w.world_size),
-                "skipped": int(skipped), "skipped_total": skipped_total, **moe_metrics}
+                "skipped": int(skipped), "skipped_total": skipped_total}
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
             tracker.log(step, last)
         if nonfinite_run >= cfg.train.max_consecutive_nonfinite:
@@ -187,6 +206,8 @@ def train(cfg: Config) -> dict:
             extra = {"step": done, "loader": {str(w.dp_rank): loader.state_dict()},
                      "rng": {str(w.rank): _rng_state()}, "wandb_run_id": tracker.run_id}
             ckpts.save(engine, done, extra)
+            if is_main and loads:  # read by the eval report (expert load plot)
+                torch.save([l.cpu() for l in loads], run_dir / "expert_load_last.pt")
         if want_stop:
             if is_main:
                 why = f"signal {stop.signum}" if stop.raised else f"train.stop_after={cfg.train.stop_after}"

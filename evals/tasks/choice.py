@@ -15,6 +15,7 @@ import torch
 from evals.context import EvalContext, TaskResult, missing
 from evals.likelihood import LikelihoodItem, nelbo_draws
 from evals.tasks.elbo import elbo_block_size
+from training.accelerator import all_reduce_host
 
 
 def candidate_items(prompt: list[int], candidates: list[list[int]], key: int) -> list[LikelihoodItem]:
@@ -74,10 +75,7 @@ class ChoiceTask:
                 samples.append({"qtype": it.qtype, "answer": it.labels[it.answer],
                                 "chosen": it.labels[int(nelbo.argmin())],
                                 "nelbo": [round(float(x), 4) for x in nelbo]})
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+        acc = all_reduce_host(acc)  # host sums travel through the device under NCCL
         total = acc.sum(0)
         res = TaskResult(self.name, scores={"accuracy": float(total[0] / total[1]), "items": float(total[1])},
                          baselines={"accuracy": float(total[2] / total[1])}, samples=samples,

@@ -26,6 +26,7 @@ from training.decoder.flow import flow_loss
 from training.decoder.latent import build_latent
 from training.decoder.pairs import batches, decoder_pairs
 from training.decoder.sigvq import TokenDecoder
+from training import accelerator
 
 LogFn = Callable[[int, dict], None]
 
@@ -121,7 +122,7 @@ class _Stepper:
 
 
 def _import_deepspeed():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if accelerator.cuda() else "cpu")
     # The shm all-reduce op JIT-compiles for ~1 min on CPU; gloo does not need it (research/cpu-megatron-deepspeed §4).
     # Patch through sys.modules: `import deepspeed.comm.torch` would return the torch package (name shadowing).
     importlib.import_module("deepspeed.comm.torch")
@@ -129,7 +130,7 @@ def _import_deepspeed():
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        deepspeed.init_distributed(dist_backend=accelerator.backend())
     return deepspeed
 
 

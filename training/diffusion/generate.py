@@ -15,6 +15,7 @@ import torch
 
 from data_pipeline import layout
 from training.diffusion.samplers import edit_image, generate_image, generate_text
+from training import accelerator
 
 SYSTEM_EDIT = "You are an image editing assistant."
 
@@ -126,7 +127,7 @@ def cmd_generate(cfg, args) -> int:
 
     if args.task in ("understand", "edit") and not args.image:
         raise ConfigError(f"generate {args.task} needs --image PATH")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or str(accelerator.device_for(0))
     t0 = time.time()
     tok = load_text_tokenizer(text_tokenizer_path(cfg.data))
     specials = layout.SpecialTokens.from_tokenizer(tok)

@@ -36,10 +36,11 @@ from training.engines.base import Engine, MOMENTS, no_decay
 from training.engines.native import build_sharded_model
 from training.engines.tensor_parallel import _all_reduce
 from training.engines.world import ParallelWorld, build_world, init_distributed, layout_groups
+from training import accelerator
 
 
 def _prepare_cpu() -> None:
-    if not torch.cuda.is_available():
+    if not accelerator.cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # `import deepspeed.comm.torch as m` returns the torch package (name shadowing): patch via sys.modules.
         importlib.import_module("deepspeed.comm.torch")

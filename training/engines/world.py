@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from training import accelerator
+
 
 @dataclass
 class ParallelWorld:
@@ -60,19 +62,18 @@ class ParallelWorld:
 
 def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device, str]:
     """Initialise torch.distributed from the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-    LOCAL_RANK) when WORLD_SIZE > 1: nccl on CUDA, gloo on CPU. Returns (rank, world, device, backend)."""
+    LOCAL_RANK) when WORLD_SIZE > 1: nccl on CUDA, gloo on CPU (training/accelerator.py decides). A process group
+    that already exists (the rehearsal's fake one, a test's) is used as it is. Returns (rank, world, device, backend)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = accelerator.device_for(local_rank)
+    accelerator.set_device(device)
     if world <= 1 and not dist.is_initialized():
         return 0, 1, device, "none"
     if not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
+        backend = accelerator.backend()
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if cuda else None)
+                                device_id=device if backend == "nccl" else None)
     return dist.get_rank(), dist.get_world_size(), device, dist.get_backend()
 
 

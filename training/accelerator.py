@@ -1,0 +1,73 @@
+"""What differs between a CPU run and a CUDA run, decided in one place (nanoGPT's rule).
+
+    device         cuda:LOCAL_RANK on a GPU machine, else cpu
+    backend        nccl on CUDA (it has no CPU tensors: every collective's tensors live on the device), else gloo
+    attention      model.attention=auto -> FlexAttention on CUDA, dense SDPA on CPU (masks.use_flex)
+    megatron       megatron-core's CPU compatibility layer only without CUDA (engines/megatron_cpu_compat.py)
+
+`unidiff plan` rehearses a GPU rank on a CPU-only machine: inside `rehearse_cuda()` every decision above takes its
+CUDA branch while the tensors are fake (training/rehearsal/), so the rehearsal runs the code a GPU job runs.
+Code that needs a CUDA decision asks here, never `torch.cuda.is_available()` directly.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+_rehearsing: bool = False  # True only inside rehearse_cuda(): CUDA decisions on a machine without CUDA
+
+
+def cuda() -> bool:
+    """Whether this run takes the CUDA branch of every decision."""
+    return _rehearsing or torch.cuda.is_available()
+
+
+def rehearsing() -> bool:
+    return _rehearsing
+
+
+@contextlib.contextmanager
+def rehearse_cuda():
+    """CUDA decisions without a GPU, for the rehearsal's passes (which keep every tensor fake)."""
+    global _rehearsing
+    before, _rehearsing = _rehearsing, True
+    try:
+        yield
+    finally:
+        _rehearsing = before
+
+
+def device_for(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if cuda() else torch.device("cpu")
+
+
+def set_device(device: torch.device) -> None:
+    if device.type == "cuda" and not _rehearsing:
+        torch.cuda.set_device(device)
+
+
+def backend() -> str:
+    return "nccl" if cuda() else "gloo"
+
+
+def comm_device() -> torch.device:
+    """Where tensors handed to a collective must live: the current GPU under NCCL, the CPU under gloo."""
+    if not cuda():
+        return torch.device("cpu")
+    return torch.device("cuda", 0 if _rehearsing else torch.cuda.current_device())
+
+
+def all_reduce_host(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """All-reduce a host-side tensor (flags, counters, eval sums): through the device under NCCL, which has no CPU
+    backend ("no backend for cpu"), then back to where it came from. A no-op without a process group."""
+    if not dist.is_initialized():
+        return t
+    on = t.to(comm_device())
+    dist.all_reduce(on, op=op, group=group)
+    return on.to(t.device)
+
+
+def gpus_visible() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
