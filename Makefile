@@ -9,7 +9,7 @@ export WANDB_SILENT ?= true
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup test test-unit test-dist test-slurm test-e2e quickstart bench clean
+.PHONY: setup test test-unit test-dist test-slurm test-e2e quickstart bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ quickstart: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# Once on a lent GPU (<= 8 min): unit subset, train + exact resume per engine, throughput -> bench/results/gpu_check.json
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs data
