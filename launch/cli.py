@@ -61,6 +61,8 @@ COMMANDS: dict[str, tuple[str, object, str]] = {
                       "train the diffusion decoder (image tokens -> pixels, rectified flow)"),
     "distill": ("training.decoder.train:cmd_distill", None, "distill the decoder to a few-step student"),
     "quickstart": ("launch.quickstart:cmd_quickstart", None, "the whole pipeline on the bundled default"),
+    "plan": ("launch.plan:cmd_plan", importlib.import_module("launch.plan").add_flags,
+             "rehearse one rank of an N-GPU job on this CPU: memory, FLOPs, collectives, device hygiene"),
     "launch local": ("launch.local:cmd_launch_local", importlib.import_module("launch.local").add_flags,
                      "torchrun on this machine: --nproc N ranks of `unidiff train`"),
     "launch slurm": ("launch.slurm:cmd_launch_slurm", importlib.import_module("launch.slurm").add_flags,
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     config, overrides, args.positionals = _split(args.words)
+    args.config, args.overrides = config, overrides
     if getattr(args, "out", "") is None and args.positionals:  # `data make-sample OUT` style
         args.out = args.positionals.pop(0)
     from training.config import load_config

@@ -43,6 +43,12 @@ class LaunchConfig:
     max_requeues: int = 20  # stop requeueing once SLURM_RESTART_COUNT reaches this (guards against a crash loop)
     master_port: int = 0  # rank-0 TCP port on the first node; 0 = a port the head node's kernel reports free
     job_name: str = ""  # sbatch --job-name; empty = run.name
+    # What one GPU offers, for `unidiff plan` (configs/launch/h100.yaml, h200.yaml); peak FLOP/s is train.peak_flops.
+    gpu_memory_bytes: int = 80 * 2**30  # device memory per GPU (H100 SXM 80 GiB)
+    gpu_memory_reserve_bytes: int = 4 * 2**30  # kept out of the plan's budget: CUDA context, NCCL buffers,
+    # allocator fragmentation (what fake tensors cannot see)
+    intra_node_bytes_per_s: float = 450e9  # per-GPU NVLink bandwidth, one direction (H100/H200 NVLink 4: 450 GB/s)
+    inter_node_bytes_per_s: float = 50e9  # per-GPU network bandwidth (one 400 Gb/s InfiniBand NIC per GPU)
     shards_per_task: int = 1  # `launch slurm --array` (pretokenize): raw shards per array task
     max_parallel_tasks: int = 0  # `--array`: array tasks running at once (sbatch --array=...%N); 0 = no limit
 
@@ -70,6 +76,9 @@ class LaunchConfig:
         for k in self.env:
             need(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) is not None, f"env.{k}", self.env[k],
                  "keyed by a shell variable name")
+        need(self.gpu_memory_bytes > 0, "gpu_memory_bytes", self.gpu_memory_bytes, "> 0")
+        need(self.intra_node_bytes_per_s > 0 and self.inter_node_bytes_per_s > 0, "intra_node_bytes_per_s",
+             self.intra_node_bytes_per_s, "> 0 (and inter_node_bytes_per_s too)")
         need(re.fullmatch(r"[\w.-]*", self.job_name) is not None, "job_name", self.job_name,
              "letters, digits, '.', '-' and '_'")
 

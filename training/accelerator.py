@@ -40,6 +40,9 @@ def rehearse_cuda():
 
 
 def device_for(local_rank: int) -> torch.device:
+    """This rank's device (the rehearsal's fake GPU is always cuda:0: one rank is rehearsed per process)."""
+    if _rehearsing:
+        return torch.device("cuda", 0)
     return torch.device("cuda", local_rank) if cuda() else torch.device("cpu")
 
 
@@ -67,6 +70,14 @@ def all_reduce_host(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.
     on = t.to(comm_device())
     dist.all_reduce(on, op=op, group=group)
     return on.to(t.device)
+
+
+def grouped_mm_on_cuda(dtype: torch.dtype) -> bool:
+    """torch._grouped_mm's CUDA kernel takes bf16 operands on compute capability >= 9.0 (H100/H200); the rehearsal
+    stands in for an H100."""
+    if dtype != torch.bfloat16:
+        return False
+    return _rehearsing or torch.cuda.get_device_capability() >= (9, 0)
 
 
 def gpus_visible() -> int:

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from training import accelerator
 from training.engines import megatron_cpu_compat as compat
 from training.engines.base import Engine, MOMENTS
 from training.engines.native import build_sharded_model
@@ -58,7 +59,7 @@ def _megatron_world(cfg) -> ParallelWorld:
     rank, world, device, backend = init_distributed()
     if world == 1 and not dist.is_initialized():
         # megatron-core always needs a process group, also for one process.
-        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(), rank=0,
+        dist.init_process_group(accelerator.backend(), store=dist.HashStore(), rank=0,
                                 world_size=1)
         backend = dist.get_backend()
     from megatron.core import parallel_state as ps
@@ -90,8 +91,8 @@ class MegatronEngine(Engine):
             raise ConfigError(f"parallel.pipeline={par.pipeline} is not allowed with train.engine=megatron: "
                               "must be 1 (not implemented for the LLaDA2 model yet)")
         compat.check_version()
-        if not torch.cuda.is_available():
-            compat.apply()
+        if not accelerator.cuda():
+            compat.apply()  # (the GPU rehearsal stubs torch.cuda's runtime itself, keeping tensors on cuda)
         self.world = _megatron_world(cfg)
         model, self.specs = build_sharded_model(cfg, self.world, MegatronTPComm(self.world.tp_group))
         self._module = model

@@ -85,15 +85,22 @@ class _NullEvent:
 
 
 def apply() -> None:
-    """Install the `cuda` and `rng` parts (idempotent). Only call on a machine without CUDA."""
+    """Install the `cuda` and `rng` parts for a CPU run (idempotent). Only call on a machine without CUDA."""
+    if torch.cuda.is_available():
+        raise RuntimeError("megatron_cpu_compat.apply() is for CPU-only machines; CUDA is available here")
+    stub_cuda_runtime(torch.device("cpu"))
+
+
+def stub_cuda_runtime(current_device) -> None:
+    """torch.cuda's runtime calls megatron makes (streams, events, synchronize, current device, the cuda RNG) as
+    no-ops / CPU generator state. `current_device`: what torch.cuda.current_device() answers: the cpu device for a
+    CPU run, cuda:0 for the GPU rehearsal (tensors then stay on the fake cuda:0 — no device mapping there)."""
     global _applied
     if _applied:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("megatron_cpu_compat.apply() is for CPU-only machines; CUDA is available here")
     check_version()
     c = torch.cuda
-    c.current_device = lambda: torch.device("cpu")
+    c.current_device = lambda: current_device
     c.Stream, c.Event = _NullStream, _NullEvent
     c.current_stream = lambda *a, **k: _NullStream()
     c.default_stream = lambda *a, **k: _NullStream()
@@ -142,8 +149,9 @@ class _CpuDeviceMode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def cpu_device_mode():
-    """Wrap megatron DDP/optimizer construction and steps; a no-op when CUDA is present."""
-    if torch.cuda.is_available():
+    """Wrap megatron DDP/optimizer construction and steps; a no-op when CUDA is present (or rehearsed)."""
+    from training import accelerator
+    if accelerator.cuda():
         yield
         return
     with _CpuDeviceMode():

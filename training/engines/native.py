@@ -93,7 +93,8 @@ class NativeEngine(Engine):
                 sq += p.grad.double().pow(2).sum()
         if self.world.world_size > 1:
             dist.all_reduce(sq)
-        return math.sqrt(sq.item()) if math.isfinite(sq.item()) else float("nan")
+        sq = sq.item()  # the step's one host sync: the skip / clip decision needs the value
+        return math.sqrt(sq) if math.isfinite(sq) else float("nan")
 
     @torch.no_grad()
     def step(self, lr: float) -> dict:

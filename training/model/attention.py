@@ -39,13 +39,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if mask is not None and mask.dtype == torch.bool:
         # A query row with no visible key (e.g. padding) would give NaN under SDPA; let it see itself instead.
-        # Such rows never carry loss; this keeps gradients finite.
+        # Such rows never carry loss; this keeps gradients finite. Applied unconditionally: testing for empty rows
+        # first would cost a host sync per layer on CUDA.
         empty = ~mask.any(-1, keepdim=True)
-        if bool(empty.any()):
-            lq, lk = mask.shape[-2], mask.shape[-1]
-            eye = torch.zeros(lq, lk, dtype=torch.bool, device=mask.device)
-            eye[:, lk - lq:] = torch.eye(lq, dtype=torch.bool, device=mask.device)
-            mask = mask | (empty & eye)
+        lq, lk = mask.shape[-2], mask.shape[-1]
+        eye = torch.zeros(lq, lk, dtype=torch.bool, device=mask.device)
+        eye[:, lk - lq:] = torch.eye(lq, dtype=torch.bool, device=mask.device)
+        mask = mask | (empty & eye)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training import accelerator
 from training.model.mlp import SwiGLU
 
 
@@ -54,7 +55,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, H] -> (ids [N,k], weights [N,k] fp32, scores [N,E] fp32, logits [N,E] fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # fp32 scores as released (autocast would cast to bf16)
+            logits = F.linear(x.float(), self.weight.float())
         scores = torch.sigmoid(logits)
         idx = self.select(scores.detach())
         w = scores.gather(1, idx)
@@ -73,26 +75,31 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
         self.grouped_gemm = grouped_gemm
 
-    def _use_grouped(self, x: torch.Tensor) -> bool:
+    def _use_grouped(self, dtype: torch.dtype, device: torch.device) -> bool:
         if not hasattr(torch, "_grouped_mm") or self.grouped_gemm == "off":
             return False
-        # torch 2.13 runs it on CPU too, and it was the fastest expert path there as well (bench_engines.py).
-        return True
+        # torch 2.13 runs it on CPU in any dtype (the fastest expert path there too, bench_engines.py); on CUDA
+        # only in bf16 on sm90+ (accelerator.grouped_mm_on_cuda), else the per-expert loop below.
+        return device.type != "cuda" or accelerator.grouped_mm_on_cuda(dtype)
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [M, H] sorted by (local) expert, counts[e] rows each -> [M, H]."""
         if x.shape[0] == 0:
             return x
-        if self._use_grouped(x):
+        # autocast does not cover _grouped_mm (nor these matmuls on CPU): take its dtype, as a Linear would.
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        if self._use_grouped(dtype, x.device):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-            gmm = lambda a, w: torch._grouped_mm(a.contiguous(), w.transpose(1, 2).to(a.dtype), offs=offs)
+            gmm = lambda a, w: torch._grouped_mm(a.to(dtype).contiguous(), w.transpose(1, 2).to(dtype), offs=offs)
             h = F.silu(gmm(x, self.gate_proj)) * gmm(x, self.up_proj)
             return gmm(h, self.down_proj)
         outs = []
         for e, chunk in enumerate(x.split(counts)):  # one matmul per expert, never per token
             if chunk.shape[0]:
-                h = F.silu(chunk @ self.gate_proj[e].t().to(chunk.dtype)) * (chunk @ self.up_proj[e].t().to(chunk.dtype))
-                outs.append(h @ self.down_proj[e].t().to(chunk.dtype))
+                chunk = chunk.to(dtype)
+                h = F.silu(chunk @ self.gate_proj[e].t().to(dtype)) * (chunk @ self.up_proj[e].t().to(dtype))
+                outs.append(h @ self.down_proj[e].t().to(dtype))
         return torch.cat(outs) if outs else x[:0]
 
 
