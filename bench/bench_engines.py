@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -76,10 +75,16 @@ def dense_matmul_flops(tokens: int, hidden: int, inter: int, repeats: int = 20) 
 
 
 def _engine_worker(rank, world, port, name, engine, expert, steps, out_dir, etp=1):
+    port, ready = port  # the parent's rendezvous store is created after the fork (see run_engine)
+    if not ready.wait(300):
+        os._exit(1)
+    # Every rank joins the parent's store as a client, as under torchrun's agent store.
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port.value),
+                       "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"})
     if world == 1:
-        for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE",
+                  "TORCHELASTIC_RESTART_COUNT"):
             os.environ.pop(k)
     import torch
     import torch.nn.functional as F
@@ -118,17 +123,23 @@ def _engine_worker(rank, world, port, name, engine, expert, steps, out_dir, etp=
 
 
 def run_engine(name, engine, world, expert, steps, etp=1) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
         ctx = mp.get_context("fork")
+        port = (ctx.Value("i", 0), ctx.Event())
         procs = [ctx.Process(target=_engine_worker, args=(r, world, port, name, engine, expert, steps, d, etp))
                  for r in range(world)]
         for p in procs:
             p.start()
+        # The rendezvous store lives here, on a port the kernel assigns (0) and keeps bound until the ranks are done:
+        # no port is picked, released and bound again later. Created after the forks: a rank forked while the
+        # store's server thread serves another can inherit a lock held at that instant (tests/dist_helpers.py).
+        import torch.distributed as dist
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False) if world > 1 else None
+        port[0].value = store.port if store else 0
+        port[1].set()
         for p in procs:
             p.join(timeout=900)
+        del store
         path = Path(d) / "result.json"
         if not path.exists():
             return {"error": f"exit codes {[p.exitcode for p in procs]}"}

@@ -1,12 +1,10 @@
 """train-decoder through the DeepSpeed engine (ZeRO data parallel) on 2 real gloo processes."""
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.dist_helpers import run_distributed
 
 pytestmark = pytest.mark.dist
 
@@ -16,16 +14,7 @@ TINY = ["decoder.image_size=16", "decoder.token_grid=2", "decoder.patch_size=4",
         "decoder.engine=deepspeed", "tracking.wandb=disabled"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, run_dir: str, zero: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, run_dir: str, zero: int, out: str) -> None:
     from training.config import load_config
     from training.decoder.train import train_decoder
 
@@ -38,8 +27,8 @@ def _worker(rank: int, world: int, port: int, run_dir: str, zero: int, out: str)
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("zero", [1, 2])
 def test_deepspeed_two_ranks_end_identical(tmp_path, zero):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "runs"), zero, str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+    run_distributed(_worker, 2, str(tmp_path / "runs"), zero, str(tmp_path), start_method="spawn", timeout=280,
+                    env={"DS_ACCELERATOR": "cpu"})
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     from training.config import load_config
     from training.decoder import checkpoint

@@ -3,20 +3,13 @@ single-process numbers (draws are seeded per item; sums are all-reduced)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.dist_helpers import run_distributed
 
 pytestmark = pytest.mark.dist
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _items():
@@ -39,7 +32,7 @@ def _choice_items():
     return [ChoiceItem([5, 6, 7 + i], [[100 + k, 2] for k in range(3)], i % 3, f"t{i % 2}", i) for i in range(5)]
 
 
-def _run(rank: int, world: int, port: int, out: str):
+def _run(rank: int, world: int, out: str):
     import torch.distributed as dist
 
     from evals.context import EvalContext
@@ -51,7 +44,6 @@ def _run(rank: int, world: int, port: int, out: str):
 
     torch.set_num_threads(1)
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = tiny_cfg(elbo_mc=4, choice_mc=3, batch_size=4)
     model = build_model(cfg.model, "cpu", seed=1).eval()
@@ -68,8 +60,8 @@ def _run(rank: int, world: int, port: int, out: str):
 
 def test_dp_elbo_and_choice_equal_single_process(tmp_path):
     single, double = tmp_path / "one.json", tmp_path / "two.json"
-    _run(0, 1, 0, str(single))
-    mp.spawn(_run, args=(2, _free_port(), str(double)), nprocs=2, join=True)
+    _run(0, 1, str(single))
+    run_distributed(_run, 2, str(double), start_method="spawn")
     a, b = json.loads(single.read_text()), json.loads(double.read_text())
     for k, v in a["elbo"].items():
         assert b["elbo"][k] == pytest.approx(v, rel=1e-5, abs=1e-9), k

@@ -22,7 +22,7 @@ import pytest
 from launch.config import LaunchConfig, time_limit_seconds
 from launch.layout import check_world
 from launch.slurm import LaunchError, launch_slurm, render_array_scripts
-from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: the real cluster)
+from tests.slurm_cluster import reserve_ports, slurm_cluster  # noqa: F401  (session fixture: the real cluster)
 from training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,16 @@ def launch_args(**kw) -> argparse.Namespace:
             "time": None, "partition": None, "account": None, "qos": None, "constraint": None, "env": [],
             "signal_lead": None, "command": "train", "array": False, "shards_per_task": None, "dry_run": False}
     return argparse.Namespace(**{**base, **kw})
+
+
+def master_port() -> str:
+    """The launch.master_port override for a test job whose ranks rendezvous. The default (0) has the head node's
+    batch shell bind port 0, close it and let rank 0 bind it later: a race against anything that binds port 0
+    meanwhile, and here the "nodes" are this machine, where other tests (xdist workers) do just that. A port
+    outside the ephemeral range, claimed for this process (tests/slurm_cluster.reserve_ports), cannot be taken in
+    between. A requeued segment binds it again: the TCPStore server sets SO_REUSEADDR, so the previous segment's
+    TIME_WAIT connections do not block it (measured)."""
+    return f"launch.master_port={reserve_ports(1)[0]}"
 
 
 def job_logs(run_dir: Path) -> str:
@@ -201,7 +211,7 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm_env, tmp_path):
     run_dir = tmp_path / "runs" / "timer"
     (tmp_path / "stand_in.py").write_text(STAND_IN)
     steps = 100  # 0.5 s each: 50 s of work, longer than the at most ~40 s until the signal below
-    cfg = load_config(TINY, [f"run.dir={tmp_path / 'runs'}", "run.name=timer"])
+    cfg = load_config(TINY, [f"run.dir={tmp_path / 'runs'}", "run.name=timer", master_port()])
     # Limit 2 min, lead 80 s: due 40 s in; slurmctld checks limits about every 30 s and may send it early (here it
     # came 28 s after the start). The work (50 s) outlasts that, so the first segment is always interrupted.
     [job] = launch_slurm(cfg, launch_args(nodes=2, time="2", signal_lead=80),
@@ -234,7 +244,7 @@ def _train_overrides(base: Path, name: str, steps: int) -> list[str]:
     return [f"run.dir={base}", f"run.name={name}", "data.synthetic=true", f"train.steps={steps}",
             "train.seq_len=32", "train.micro_batch_size=1", "train.global_batch_size=2", "train.precision=fp32",
             "train.warmup_steps=2", "train.decay_steps=2", "train.save_every=2", "train.seed=3",
-            "tracking.wandb=offline"]
+            "tracking.wandb=offline", master_port()]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
