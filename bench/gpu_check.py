@@ -353,14 +353,10 @@ def check_throughput(dev: torch.device, warmup: int = 3, steps: int = 5) -> dict
             losses.append(float(metrics["loss"]))
             block = int(metrics["block_size"])
         dt = sum(times) / len(times)
-        ctx = seq * (2 if 0 < block < seq else 1)  # the trainer's accounting (training/trainer.py train())
-        flops = flops_per_token(m, ctx) * seq * (ctx / seq) / dt
-        # The trainer's formula charges the LM head for all ctx tokens; logits_to_keep runs it on the x_t half only.
-        head_once = flops - 6 * m.hidden_size * m.vocab_size * (ctx - seq) / dt
+        flops = flops_per_token(m, seq, 0 < block < seq) * seq / dt  # the trainer's accounting
         prefix = "" if mode == "auto" else "grouped_gemm_off_"
         out.update({f"{prefix}step_s": dt, f"{prefix}tokens_per_s": seq / dt, f"{prefix}flops_per_s": flops,
-                    f"{prefix}mfu": flops / peak if peak else None,
-                    f"{prefix}mfu_lm_head_once": head_once / peak if peak else None, f"{prefix}losses": losses})
+                    f"{prefix}mfu": flops / peak if peak else None, f"{prefix}losses": losses})
         out["block_size"] = block
         out["ok"] &= all(math.isfinite(x) for x in losses)
     out["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None

@@ -37,8 +37,9 @@ def lr_at(step: int, cfg) -> float:
     return t.lr
 
 
-def flops_per_token(mcfg, tokens_in_context: int) -> float:
-    """Training FLOPs per processed token (6 x active matmul params + attention scores), for the MFU estimate."""
+def flops_per_token(mcfg, seq_len: int, block_diffusion: bool) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) per x_t token of a packed sequence, for the MFU estimate.
+    Block diffusion runs the body on x_t || x_0 (2L positions) and the LM head on x_t only (logits_to_keep)."""
     h, layers = mcfg.hidden_size, mcfg.num_hidden_layers
     attn_proj = h * (mcfg.num_attention_heads + 2 * mcfg.num_key_value_heads) * mcfg.head_dim \
         + mcfg.num_attention_heads * mcfg.head_dim * h
@@ -46,9 +47,10 @@ def flops_per_token(mcfg, tokens_in_context: int) -> float:
     moe = 3 * h * mcfg.moe_intermediate_size * (mcfg.num_experts_per_tok + mcfg.num_shared_experts) \
         + h * mcfg.num_experts
     k = mcfg.first_k_dense_replace
-    params = layers * attn_proj + k * dense + (layers - k) * moe + h * mcfg.vocab_size
-    attention = 2 * 2 * layers * mcfg.num_attention_heads * mcfg.head_dim * tokens_in_context
-    return 6 * params + 3 * attention
+    body = layers * attn_proj + k * dense + (layers - k) * moe  # active matmul params per position
+    ctx = 2 * seq_len if block_diffusion else seq_len
+    per_position = 2 * body + 2 * 2 * layers * mcfg.num_attention_heads * mcfg.head_dim * ctx  # + QK^T and AV
+    return 3 * (per_position * ctx / seq_len + 2 * h * mcfg.vocab_size)
 
 
 class _StopFlag:
@@ -116,11 +118,16 @@ def host_metrics(sums: dict) -> dict[str, float]:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():  # the noise draws on a GPU come from its own generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 
@@ -184,8 +191,7 @@ def train(cfg: Config) -> dict:
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
         global_tokens = tokens * w.dp_size
-        ctx = cfg.train.seq_len * (2 if 0 < block < cfg.train.seq_len else 1)
-        achieved = flops_per_token(model_cfg, ctx) * global_tokens * (ctx / cfg.train.seq_len) / dt
+        achieved = flops_per_token(model_cfg, cfg.train.seq_len, 0 < block < cfg.train.seq_len) * global_tokens / dt
         last = {**sums, "lr": lr, "grad_norm": result["grad_norm"], "block_size": block,
                 "tokens_per_s": global_tokens / dt, "mfu": achieved / (cfg.train.peak_flops * w.world_size),
                 "skipped": int(skipped), "skipped_total": skipped_total}

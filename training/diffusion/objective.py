@@ -114,8 +114,8 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
         logp = F.log_softmax(sel_logits.float()[correct], dim=-1)
         cap = -(logp.exp() * logp).sum(-1).sum() / correct.sum().clamp(min=1)
         loss = loss + cfg.cap_lambda * cap
-    if not masked.any():  # keep the graph connected so every rank runs the same backward
-        loss = loss + 0.0 * logits.sum()
+    # No masked token: loss_diff is a sum over an empty selection of the logits, still in the graph (zero grads reach
+    # every parameter, so every rank runs the same backward), with no host sync to test for it.
 
     n_masked = masked.sum()
     metrics.update(loss=loss.detach(), loss_diffusion=loss_diff.detach(), loss_text=loss_text.detach(),

@@ -72,24 +72,27 @@ class AllToAllDispatcher:
         if ep > 1:
             recv_counts = torch.empty_like(counts)
             dist.all_to_all_single(recv_counts, counts, group=self.group)  # [ep, E_local]: from src s for expert e
-            send_splits = counts.view(ep, local_e).sum(1).tolist()
             recv_matrix = recv_counts.view(ep, local_e)
-            recv_splits = recv_matrix.sum(1).tolist()
+            # The split sizes must be host ints: read them in one device-to-host copy per layer, not three.
+            sizes = torch.cat([counts.view(ep, local_e).sum(1), recv_matrix.sum(1), recv_matrix.sum(0)]).tolist()
+            send_splits, recv_splits, per_expert = sizes[:ep], sizes[ep:2 * ep], sizes[2 * ep:]
             recv_x = all_to_all(x[order // k], send_splits, recv_splits, self.group)
         else:
             recv_matrix, recv_x = counts.view(1, local_e), x[order // k]
+            per_expert = None
         if self.etp_size > 1:
             # Every ETP peer's rows (grouped by its sources, then local expert) concatenated in peer order.
             mats = [torch.empty_like(recv_matrix) for _ in range(self.etp_size)]
             dist.all_gather(mats, recv_matrix.contiguous(), group=self.etp_group)
             recv_matrix = torch.cat(mats)
-            rows = [int(m.sum()) for m in mats]
+            sizes = torch.cat([torch.stack([m.sum() for m in mats]), recv_matrix.sum(0)]).tolist()
+            rows, per_expert = sizes[:self.etp_size], sizes[self.etp_size:]
             recv_x = _etp_gather(recv_x, rows, self.etp_rank, self.etp_group)
         # Rows arrive grouped by source, then by local expert; regroup by local expert for the grouped matmul.
         expert_of_row = torch.repeat_interleave(torch.arange(local_e, device=x.device).repeat(recv_matrix.shape[0]),
-                                                recv_matrix.flatten())
+                                                recv_matrix.flatten(), output_size=recv_x.shape[0])  # no sync
         regroup = expert_of_row.argsort(stable=True)
-        y_sorted = experts(recv_x[regroup], recv_matrix.sum(0).tolist())
+        y_sorted = experts(recv_x[regroup], per_expert if per_expert is not None else recv_matrix.sum(0).tolist())
         if recv_x.shape[0] == 0:
             # No token reached this rank's experts: keep them in the graph so every rank's grad hooks fire
             # (deepspeed ZeRO and megatron DDP expect a grad for every parameter).

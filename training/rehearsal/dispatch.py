@@ -171,9 +171,10 @@ class RehearsalMode(TorchDispatchMode):
             out = func(*args, **kwargs)
         except FakeTensorDeviceMismatchError as e:
             self._violation(f"op {func.__name__}", str(e).splitlines()[0])
-            args, kwargs = tree_map(lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x, (args, kwargs))
+            args, kwargs = tree_map(self._to_rank_device, (args, kwargs))  # rehearse the rest of the step
             out = func(*args, **kwargs)
         except (DynamicOutputShapeException, DataDependentOutputException):
+            self._data_dependent_shape(*_tensors((args, kwargs)))
             real = self._on_shadows(func, args, kwargs)
             if real is None:
                 raise RuntimeError(f"the rehearsal cannot size {func.__name__} (its output shape depends on values "
@@ -181,6 +182,18 @@ class RehearsalMode(TorchDispatchMode):
             dev = next((t.device for t in _tensors((args, kwargs)) if is_fake(t)), self.device)
             return tree_map(lambda r: self._fake_like(r, dev) if isinstance(r, torch.Tensor) else r, real)
         self._propagate(func, args, kwargs, out)
+        return out
+
+    def _to_rank_device(self, x):
+        if not isinstance(x, torch.Tensor) or x.device == self.device or x.dim() == 0:
+            return x
+        if not is_fake(x):
+            from torch._guards import active_fake_mode
+            fake = active_fake_mode().from_tensor(x)
+            self._set_shadow(fake, x)
+            x = fake
+        out = aten._to_copy.default(x, device=self.device)
+        self._set_shadow(out, self.shadow(x))
         return out
 
     def _propagate(self, func, args, kwargs, out) -> None:
@@ -203,6 +216,12 @@ class RehearsalMode(TorchDispatchMode):
                 self._set_shadow(f, r)
 
     # ---- values the host reads ------------------------------------------------------------------------------
+    def _data_dependent_shape(self, *tensors) -> None:
+        """An op whose output size depends on values (nonzero, boolean indexing, repeat_interleave without
+        output_size) waits on the GPU for them: a host sync inside the op."""
+        if any(t.is_cuda for t in tensors):
+            self.audit.host_syncs[f"{where()} (data-dependent shape)"] += 1
+
     def _scalar(self, t: torch.Tensor):
         s = self.shadow(t)
         if s is not None:
@@ -212,6 +231,7 @@ class RehearsalMode(TorchDispatchMode):
         return False if t.dtype == torch.bool else (0 if not t.dtype.is_floating_point else 0.0)
 
     def _nonzero(self, mask: torch.Tensor) -> torch.Tensor:
+        self._data_dependent_shape(mask)
         s = self.shadow(mask)
         if s is None:  # all selected: the upper bound on what follows
             self.audit.standins[f"boolean selection taken whole at {where()}"] += 1
@@ -304,6 +324,11 @@ class RehearsalMode(TorchDispatchMode):
         self.audit.violations.append({"what": what, "detail": detail, "where": where()})
 
 
+def _has_cuda_mask(idx) -> bool:
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.is_cuda for i in items)
+
+
 def _long_indices(idx):
     """Boolean masks in an index -> their nonzero long indices (sized by RehearsalMode's shadows)."""
     if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
@@ -360,6 +385,8 @@ class DeviceGuardFree(TorchFunctionMode):
             return f"torch.cuda.{_LEGACY_TYPE[args[0].dtype]}Tensor"
         if func is torch.Tensor.copy_:
             return aten.copy_.default(args[0], args[1], kwargs.get("non_blocking", False))
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and _has_cuda_mask(args[1]):
+            self.audit.host_syncs[f"{where()} (boolean index)"] += 1  # the result's size waits for the mask
         if func is torch.Tensor.__getitem__:
             args = (args[0], _long_indices(args[1]), *args[2:])
         try:

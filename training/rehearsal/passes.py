@@ -112,6 +112,7 @@ def memory_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
     from training.trainer import train_step
 
     _init_fake_world(rank, world_size, gpus_per_node)
+    _register_flop_formulas()
     cpu = torch.device("cpu")
     mt = MemTracker()
     audit = Audit()
@@ -129,16 +130,19 @@ def memory_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
             # Two steps: the optimizer state exists from the first one's end, so the second shows the steady peak.
             train_step(engine, iter(batches[:1]), 1, cfg, 0, specials_for(cfg))
             mt.reset_mod_stats()
+            backward = _count_backward_collectives(engine, audit)
             flops = FlopCounterMode(display=False)
             with flops:
-                train_step(engine, iter(batches[1:]), 1, cfg, 1, specials_for(cfg))
+                sums, _, _ = train_step(engine, iter(batches[1:]), 1, cfg, 1, specials_for(cfg))
         peak = mt.get_tracker_snapshot("peak").get(cpu, {})
         plan = _shard_plan(engine)
     by = {str(k).split(".")[-1].lower(): int(v) for k, v in peak.items()}
     moved = min(_grad_buffer_bytes(engine), by.get("act", 0))  # allocated at build: MemTracker files it as act
     by["grad"], by["act"] = by.get("grad", 0) + moved, by.get("act", 0) - moved
     return {"pass": "memory", "peak_bytes": by.pop("total", 0), "peak_by_category": by,
-            "flops_per_micro_batch": int(flops.get_total_flops()), "params_local": _local_params(engine), **plan}
+            "flops_per_micro_batch": int(flops.get_total_flops()), "block_size": int(sums["block_size"]),
+            "tokens_per_micro_batch": int(sums["tokens"]), "backward_collectives": backward,
+            "params_local": _local_params(engine), **plan}
 
 
 class _BufferList(list):
@@ -153,14 +157,58 @@ class _BufferList(list):
         return torch.nn.Module.buffers(self._module, recurse)
 
 
+def _count_backward_collectives(engine, audit: Audit) -> dict:
+    """The collectives of one micro-batch's backward (expert all-to-all, TP/SP mappings), which the forward-only
+    device pass cannot see: filled in while the memory pass runs engine.backward."""
+    counted: dict = {}
+    run = engine.backward
+
+    def backward(loss):
+        before = {k: dict(v) for k, v in audit.collectives.items()}
+        run(loss)
+        for key, st in audit.collectives.items():
+            was = before.get(key, {"calls": 0, "bytes": 0})
+            if st["calls"] > was["calls"]:
+                counted[key] = {"calls": st["calls"] - was["calls"], "bytes": st["bytes"] - was["bytes"]}
+
+    engine.backward = backward
+    return counted
+
+
+def _register_flop_formulas() -> None:
+    """FlopCounterMode has no formula for two kernels the memory pass runs: torch._grouped_mm (the experts) and the
+    CPU build's fused SDPA (the CUDA kernels' formulas are there): 2 x output x contraction, and torch's own SDPA
+    counts."""
+    from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+    aten = torch.ops.aten
+
+    @register_flop_formula(aten._grouped_mm)
+    def _gmm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        if len(out_shape) == 3 and len(a_shape) == 2 and len(b_shape) == 2:  # weight grad: groups split the K dim
+            return 2 * out_shape[1] * out_shape[2] * a_shape[1]
+        n = 1
+        for d in out_shape:
+            n *= d
+        return 2 * n * a_shape[-1]
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _sdpa(q, k, v, *args, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _sdpa_bwd(grad_out, q, k, v, *args, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
 def _grad_buffer_bytes(engine) -> int:
-    """megatron DDP's contiguous main-grad (and bf16 param) buffers, alive for the whole run."""
+    """megatron DDP's contiguous main-grad buffers, alive for the whole run (its param buffer holds the params
+    themselves, which MemTracker already counts)."""
     total = 0
     lists = [getattr(engine.model, n, None) for n in ("buffers", "expert_parallel_buffers")]
     for b in [b for bl in lists if isinstance(bl, list) for b in bl]:
-        for t in (getattr(b, "grad_data", None), getattr(b, "param_data", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
+        t = getattr(b, "grad_data", None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
     return total
 
 
