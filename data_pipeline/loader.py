@@ -194,7 +194,11 @@ class TokenLoader:
                 raise ValueError(f"epoch {self.epoch} has no full global batch: {self.stats['rows']} rows < "
                                  f"micro_batch_size x dp_size = {self.B * self.dp_size}")
             start = self.batch
-            dl = DataLoader(ds, batch_size=None, sampler=range(start, len(ds)), num_workers=self.num_workers)
+            # Its own generator: creating a DataLoader iterator draws a base seed, which must not come from the
+            # global RNG the trainer restores on resume (the first mask after a resume would be one draw off).
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            dl = DataLoader(ds, batch_size=None, sampler=range(start, len(ds)), num_workers=self.num_workers,
+                            generator=gen)
             for k, b in enumerate(dl, start):
                 self.batch = k + 1  # count yielded batches, not prefetched ones
                 yield b

@@ -16,23 +16,25 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-_rehearsing: bool = False  # True only inside rehearse_cuda(): CUDA decisions on a machine without CUDA
+# None, or where the rehearsal's fake tensors live while every decision takes its CUDA branch: "cuda" (the device
+# pass) or "cpu" (the memory pass: fake cpu tensors, CUDA numerics such as the expert matmul dtype).
+_rehearsing: str | None = None
 
 
 def cuda() -> bool:
     """Whether this run takes the CUDA branch of every decision."""
-    return _rehearsing or torch.cuda.is_available()
+    return _rehearsing is not None or torch.cuda.is_available()
 
 
 def rehearsing() -> bool:
-    return _rehearsing
+    return _rehearsing is not None
 
 
 @contextlib.contextmanager
-def rehearse_cuda():
+def rehearse_cuda(tensors_on: str = "cuda"):
     """CUDA decisions without a GPU, for the rehearsal's passes (which keep every tensor fake)."""
     global _rehearsing
-    before, _rehearsing = _rehearsing, True
+    before, _rehearsing = _rehearsing, tensors_on
     try:
         yield
     finally:
@@ -41,13 +43,13 @@ def rehearse_cuda():
 
 def device_for(local_rank: int) -> torch.device:
     """This rank's device (the rehearsal's fake GPU is always cuda:0: one rank is rehearsed per process)."""
-    if _rehearsing:
-        return torch.device("cuda", 0)
-    return torch.device("cuda", local_rank) if cuda() else torch.device("cpu")
+    if _rehearsing is not None:
+        return torch.device(_rehearsing, 0) if _rehearsing == "cuda" else torch.device("cpu")
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def set_device(device: torch.device) -> None:
-    if device.type == "cuda" and not _rehearsing:
+    if device.type == "cuda" and _rehearsing is None:
         torch.cuda.set_device(device)
 
 
@@ -57,9 +59,9 @@ def backend() -> str:
 
 def comm_device() -> torch.device:
     """Where tensors handed to a collective must live: the current GPU under NCCL, the CPU under gloo."""
-    if not cuda():
-        return torch.device("cpu")
-    return torch.device("cuda", 0 if _rehearsing else torch.cuda.current_device())
+    if _rehearsing is not None:
+        return device_for(0)
+    return torch.device("cuda", torch.cuda.current_device()) if cuda() else torch.device("cpu")
 
 
 def all_reduce_host(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
@@ -77,7 +79,7 @@ def grouped_mm_on_cuda(dtype: torch.dtype) -> bool:
     stands in for an H100."""
     if dtype != torch.bfloat16:
         return False
-    return _rehearsing or torch.cuda.get_device_capability() >= (9, 0)
+    return _rehearsing is not None or torch.cuda.get_device_capability() >= (9, 0)
 
 
 def gpus_visible() -> int:

@@ -91,8 +91,8 @@ class MegatronEngine(Engine):
             raise ConfigError(f"parallel.pipeline={par.pipeline} is not allowed with train.engine=megatron: "
                               "must be 1 (not implemented for the LLaDA2 model yet)")
         compat.check_version()
-        if not accelerator.cuda():
-            compat.apply()  # (the GPU rehearsal stubs torch.cuda's runtime itself, keeping tensors on cuda)
+        if accelerator.device_for(0).type == "cpu":
+            compat.apply()  # (the GPU rehearsal's device pass stubs torch.cuda itself, keeping tensors on cuda)
         self.world = _megatron_world(cfg)
         model, self.specs = build_sharded_model(cfg, self.world, MegatronTPComm(self.world.tp_group))
         self._module = model

@@ -85,7 +85,7 @@ class _NullEvent:
 
 
 def apply() -> None:
-    """Install the `cuda` and `rng` parts for a CPU run (idempotent). Only call on a machine without CUDA."""
+    """Install the `cuda` and `rng` parts for a run on CPU tensors (idempotent). Only on a machine without CUDA."""
     if torch.cuda.is_available():
         raise RuntimeError("megatron_cpu_compat.apply() is for CPU-only machines; CUDA is available here")
     stub_cuda_runtime(torch.device("cpu"))
@@ -151,7 +151,7 @@ class _CpuDeviceMode(TorchFunctionMode):
 def cpu_device_mode():
     """Wrap megatron DDP/optimizer construction and steps; a no-op when CUDA is present (or rehearsed)."""
     from training import accelerator
-    if accelerator.cuda():
+    if accelerator.device_for(0).type == "cuda":
         yield
         return
     with _CpuDeviceMode():

@@ -75,21 +75,23 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
         self.grouped_gemm = grouped_gemm
 
-    def _use_grouped(self, dtype: torch.dtype, device: torch.device) -> bool:
+    def _use_grouped(self, dtype: torch.dtype, on_cuda: bool) -> bool:
         if not hasattr(torch, "_grouped_mm") or self.grouped_gemm == "off":
             return False
         # torch 2.13 runs it on CPU in any dtype (the fastest expert path there too, bench_engines.py); on CUDA
         # only in bf16 on sm90+ (accelerator.grouped_mm_on_cuda), else the per-expert loop below.
-        return device.type != "cuda" or accelerator.grouped_mm_on_cuda(dtype)
+        return not on_cuda or accelerator.grouped_mm_on_cuda(dtype)
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [M, H] sorted by (local) expert, counts[e] rows each -> [M, H]."""
         if x.shape[0] == 0:
             return x
-        # autocast does not cover _grouped_mm (nor these matmuls on CPU): take its dtype, as a Linear would.
+        on_cuda = x.is_cuda or accelerator.cuda()  # (cuda() also in the rehearsal's memory pass, on cpu tensors)
+        # autocast does not cover _grouped_mm: on CUDA take its dtype explicitly, as a Linear would. On CPU the
+        # experts keep the input dtype (bf16 _grouped_mm is ~4x slower than fp32 on these CPUs, measured).
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        if self._use_grouped(dtype, x.device):
+        dtype = torch.get_autocast_dtype(dev) if on_cuda and torch.is_autocast_enabled(dev) else x.dtype
+        if self._use_grouped(dtype, on_cuda):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             gmm = lambda a, w: torch._grouped_mm(a.to(dtype).contiguous(), w.transpose(1, 2).to(dtype), offs=offs)
             h = F.silu(gmm(x, self.gate_proj)) * gmm(x, self.up_proj)

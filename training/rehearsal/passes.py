@@ -116,7 +116,8 @@ def memory_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
     cpu = torch.device("cpu")
     mt = MemTracker()
     audit = Audit()
-    with _megatron_runtime(cfg, on_cuda=False), FakeTensorMode(allow_non_fake_inputs=True), \
+    with accelerator.rehearse_cuda(tensors_on="cpu"), _megatron_runtime(cfg, on_cuda=False), \
+            FakeTensorMode(allow_non_fake_inputs=True), \
             RehearsalMode(cpu, {}, audit) as mode, DeviceGuardFree(audit):
         with mt:
             engine = build_engine(cfg)
