@@ -352,8 +352,9 @@ def check_throughput(dev: torch.device, warmup: int = 3, steps: int = 5) -> dict
                 times.append(time.perf_counter() - t0)
             losses.append(float(metrics["loss"]))
             block = int(metrics["block_size"])
+            masked_frac = float(metrics["masked_frac"])
         dt = sum(times) / len(times)
-        flops = flops_per_token(m, seq, 0 < block < seq) * seq / dt  # the trainer's accounting
+        flops = flops_per_token(m, seq, 0 < block < seq, masked_frac) * seq / dt  # the trainer's accounting
         prefix = "" if mode == "auto" else "grouped_gemm_off_"
         out.update({f"{prefix}step_s": dt, f"{prefix}tokens_per_s": seq / dt, f"{prefix}flops_per_s": flops,
                     f"{prefix}mfu": flops / peak if peak else None, f"{prefix}losses": losses})

@@ -234,3 +234,64 @@ def test_objective_flex_path_equals_sdpa_path():
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="model.attention"):
         diffusion_loss(model, batch, dcfg, 0, SPECIALS)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode):
+    """Recomputation (model.activation_checkpointing) changes what is kept, never the numbers: the block-diffusion
+    loss and every gradient equal the run that keeps all activations."""
+    def grads(ac: str):
+        cfg = load_config("configs/model/tiny.yaml", [f"model.activation_checkpointing={ac}"])
+        model = build_model(cfg.model, seed=5).train()
+        ids = torch.randint(3, cfg.model.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+        dcfg = dataclasses.replace(cfg.diffusion, block_schedule=[[0, 16]])
+        loss, _ = diffusion_loss(model, _batch(ids, image_from=30), dcfg, 0, SPECIALS,
+                                 torch.Generator().manual_seed(2))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (l0, g0), (l1, g1) = grads("none"), grads(mode)
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_chunked_masked_head_equals_the_full_logits_path():
+    """masked_head_ce (LM head on the masked rows only, in recomputed chunks) gives the cross-entropy, accuracy and
+    CAP entropy of full [B, L, V] logits, and the same gradients; diffusion_loss does not depend on the chunk."""
+    from training.diffusion.objective import masked_head_ce
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    target = torch.randint(0, 50, (3, 11), generator=g)
+    masked = torch.rand(3, 11, generator=g) < 0.6
+    logits = head(hidden).float()  # the reference: full logits, then select
+    ref_ce = F.cross_entropy(logits[masked], target[masked], reduction="none")
+    logp = F.log_softmax(logits[masked], -1)
+    ref_ent = -(logp.exp() * logp).sum(-1)
+    (ref_ce.sum() + ref_ent.sum()).backward()
+    ref_grads = head.weight.grad.clone(), hidden.grad.clone()
+    head.weight.grad, hidden.grad = None, None
+    ce, correct, ent = masked_head_ce(head, hidden[masked], target[masked], chunk=4, with_entropy=True)
+    (ce.sum() + ent.sum()).backward()
+    torch.testing.assert_close(ce, ref_ce)
+    torch.testing.assert_close(ent, ref_ent)
+    assert torch.equal(correct, logits[masked].argmax(-1) == target[masked])
+    torch.testing.assert_close(head.weight.grad, ref_grads[0])
+    torch.testing.assert_close(hidden.grad, ref_grads[1])
+
+    cfg = load_config("configs/model/tiny.yaml").diffusion
+    model = build_model(load_config("configs/model/tiny.yaml").model, seed=4).train()
+    ids = torch.randint(3, 2000, (2, 40), generator=g)
+    out = []
+    for chunk in (5, 100000):
+        loss, m = diffusion_loss(model, _batch(ids), dataclasses.replace(cfg, loss_chunk=chunk, cap_lambda=0.5), 0,
+                                 SPECIALS, torch.Generator().manual_seed(3))
+        model.zero_grad()
+        loss.backward()
+        out.append((loss.detach(), m["acc_masked"], model.lm_head.weight.grad.clone()))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    assert out[0][1] == out[1][1]
+    torch.testing.assert_close(out[0][2], out[1][2])

@@ -59,6 +59,9 @@ class ModelConfig:
     z_loss_coeff: float = 0.0
     attention: str = "auto"  # auto | flex | sdpa
     grouped_gemm: str = "auto"  # auto | on | off: torch._grouped_mm for the experts where it runs
+    # Recompute in the backward instead of keeping activations: none | full (every decoder layer: only the layer
+    # inputs are kept) | selective (attention and the expert MLPs; the router and the all-to-all dispatch are kept)
+    activation_checkpointing: str = "none"
 
     def validate(self, root: "Config") -> None:
         _check(self.num_attention_heads % self.num_key_value_heads == 0, "model.num_attention_heads",
@@ -80,6 +83,8 @@ class ModelConfig:
                f"such that head_dim * factor is an even number in (0, head_dim={self.head_dim}]")
         _check(self.attention in ("auto", "flex", "sdpa"), "model.attention", self.attention, "auto | flex | sdpa")
         _check(self.grouped_gemm in ("auto", "on", "off"), "model.grouped_gemm", self.grouped_gemm, "auto | on | off")
+        _check(self.activation_checkpointing in ("none", "full", "selective"), "model.activation_checkpointing",
+               self.activation_checkpointing, "none | full | selective")
         _check(0 < self.image_token_offset <= self.vocab_size, "model.image_token_offset", self.image_token_offset,
                f"in (0, model.vocab_size={self.vocab_size}]")
 

@@ -37,9 +37,10 @@ def lr_at(step: int, cfg) -> float:
     return t.lr
 
 
-def flops_per_token(mcfg, seq_len: int, block_diffusion: bool) -> float:
+def flops_per_token(mcfg, seq_len: int, block_diffusion: bool, masked_frac: float = 1.0) -> float:
     """Training FLOPs (forward + backward = 3 x forward) per x_t token of a packed sequence, for the MFU estimate.
-    Block diffusion runs the body on x_t || x_0 (2L positions) and the LM head on x_t only (logits_to_keep)."""
+    Block diffusion runs the body on x_t || x_0 (2L positions); the LM head runs on the masked x_t rows only
+    (`masked_frac` of the tokens; objective.masked_head_ce). Activation recomputation is not counted (not model work)."""
     h, layers = mcfg.hidden_size, mcfg.num_hidden_layers
     attn_proj = h * (mcfg.num_attention_heads + 2 * mcfg.num_key_value_heads) * mcfg.head_dim \
         + mcfg.num_attention_heads * mcfg.head_dim * h
@@ -50,17 +51,21 @@ def flops_per_token(mcfg, seq_len: int, block_diffusion: bool) -> float:
     body = layers * attn_proj + k * dense + (layers - k) * moe  # active matmul params per position
     ctx = 2 * seq_len if block_diffusion else seq_len
     per_position = 2 * body + 2 * 2 * layers * mcfg.num_attention_heads * mcfg.head_dim * ctx  # + QK^T and AV
-    return 3 * (per_position * ctx / seq_len + 2 * h * mcfg.vocab_size)
+    return 3 * (per_position * ctx / seq_len + 2 * h * mcfg.vocab_size * masked_frac)
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; checked once per step and agreed on by all ranks (max all-reduce)."""
+    """Set by SIGTERM/SIGUSR1; checked once per step and agreed on by all ranks (max all-reduce). A signal that came
+    before train() started counts too: `unidiff train` records them from its first line (launch/cli.py
+    EarlySignals), and this flag takes over the `received` list of any handler it replaces."""
 
     def __init__(self):
         self.raised = False
         self.signum = None
         for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._handle)
+            earlier = signal.signal(s, self._handle)  # ours first, then what the earlier one saw: nothing is lost
+            for signum in list(getattr(earlier, "received", ())):
+                self._handle(signum, None)
 
     def _handle(self, signum, frame):
         self.raised, self.signum = True, signum
@@ -191,7 +196,8 @@ def train(cfg: Config) -> dict:
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
         global_tokens = tokens * w.dp_size
-        achieved = flops_per_token(model_cfg, cfg.train.seq_len, 0 < block < cfg.train.seq_len) * global_tokens / dt
+        achieved = flops_per_token(model_cfg, cfg.train.seq_len, 0 < block < cfg.train.seq_len,
+                                   sums.get("masked_frac", 1.0)) * global_tokens / dt
         last = {**sums, "lr": lr, "grad_norm": result["grad_norm"], "block_size": block,
                 "tokens_per_s": global_tokens / dt, "mfu": achieved / (cfg.train.peak_flops * w.world_size),
                 "skipped": int(skipped), "skipped_total": skipped_total}

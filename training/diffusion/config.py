@@ -27,6 +27,8 @@ class DiffusionConfig:
     loss_weight_text: float = 1.0  # multiplies the text part of the loss
     loss_weight_image: float = 1.0  # multiplies the image part of the loss
     cap_lambda: float = 0.0  # CAP: weight of the entropy on masked positions already predicted correctly (2.0 in dFactory)
+    loss_chunk: int = 2048  # masked rows per LM-head chunk: its fp32 logits (chunk x vocab) are the head's peak, and
+    # are recomputed in the backward; never the full [B, L, vocab]
     # --- CFG condition dropout (needs `cond_span` / `cond_image_span` in the batch; skipped without them) ---
     cfg_drop_text: float = 0.0  # prob. a sample's conditioning text is replaced by `<uncondition>` (T2I and editing)
     cfg_drop_image: float = 0.0  # prob. an editing sample's source image block is dropped
@@ -69,6 +71,7 @@ class DiffusionConfig:
             check(getattr(self, key) >= 0.0, key, getattr(self, key), ">= 0")
         check(self.loss_weight_text + self.loss_weight_image > 0, "loss_weight_text", self.loss_weight_text,
               "> 0 when diffusion.loss_weight_image is 0")
+        check(self.loss_chunk >= 1, "loss_chunk", self.loss_chunk, ">= 1 (masked rows per LM-head chunk)")
         check(self.mask_embed_noise_steps >= 0, "mask_embed_noise_steps", self.mask_embed_noise_steps, ">= 0")
         check(self.sample_block_length >= 1, "sample_block_length", self.sample_block_length, ">= 1")
         check(self.sample_steps >= 1, "sample_steps", self.sample_steps, ">= 1")

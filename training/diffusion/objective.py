@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from training.diffusion.conditioning import drop_condition
 from training.diffusion.masks import training_mask
@@ -61,6 +62,27 @@ def _noise(batch: dict, cfg, block_size: int, mask_id: int, generator):
     return apply_mask(batch["input_ids"], masked, mask_id), masked, t, batch
 
 
+def _head_ce(head, hidden: torch.Tensor, target: torch.Tensor, with_entropy: bool):
+    logits = head(hidden).float()
+    ce = F.cross_entropy(logits, target, reduction="none")
+    correct = logits.argmax(-1) == target
+    if not with_entropy:
+        return ce, correct, ce.new_zeros(0)
+    logp = F.log_softmax(logits, dim=-1)
+    return ce, correct, -(logp.exp() * logp).sum(-1)
+
+
+def masked_head_ce(head, hidden: torch.Tensor, target: torch.Tensor, chunk: int, with_entropy: bool = False):
+    """Cross-entropy of the LM head at the selected rows hidden [N, H] -> (ce [N], argmax == target [N], predictive
+    entropy [N] if asked), `chunk` rows at a time. Each chunk's fp32 logits are freed after its forward and
+    recomputed in the backward (activation checkpointing), so the head's peak is chunk x V, not N x V."""
+    pieces = [_head_ce(head, hidden, target, with_entropy)] if hidden.shape[0] <= chunk or not torch.is_grad_enabled() \
+        else [checkpoint(_head_ce, head, h, tt, with_entropy, use_reentrant=False)
+              for h, tt in zip(hidden.split(chunk), target.split(chunk))]
+    ce, correct, entropy = (torch.cat(parts) for parts in zip(*pieces))
+    return ce, correct, entropy
+
+
 def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torch.Generator | None = None):
     """One training forward. cfg: DiffusionConfig; specials: SpecialTokens-like (needs `mask`, and `uncondition`
     when CFG text dropout is on). Returns (loss scalar tensor with grad, metrics dict of detached tensors / ints).
@@ -89,12 +111,12 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
         embeds = embeds + cfg.mask_embed_noise_std * torch.randn(embeds.shape, device=embeds.device,
                                                                   generator=generator).to(embeds.dtype) * noisy[..., None]
     out = model(input_ids=None if embeds is not None else ids, position_ids=positions, attention_mask=attn_mask,
-                inputs_embeds=embeds, logits_to_keep=length)  # the x_0 half never needs the LM head
-    logits = out.logits
+                inputs_embeds=embeds, logits_to_keep=length, return_hidden=True)  # x_0 never needs the LM head
 
-    # Only the masked rows of the logits enter the loss (gathering them first keeps the [N, V] softmax small).
-    sel_logits, target = logits[masked], x0[masked]
-    ce = F.cross_entropy(sel_logits.float(), target, reduction="none")
+    # The LM head runs on the masked rows only, a chunk at a time (masked_head_ce): never [B, L, V] logits.
+    target = x0[masked]
+    ce, correct, entropy = masked_head_ce(core.lm_head, out.hidden[masked], target, cfg.loss_chunk,
+                                          with_entropy=cfg.cap_lambda > 0)
     w = elbo_weight(cfg.schedule, t[masked]) if cfg.elbo_weight else torch.ones_like(ce)
     img = is_image[masked]
     lam = torch.where(img, cfg.loss_weight_image, cfg.loss_weight_text)
@@ -107,15 +129,13 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
     loss_image = (w * ce * img).sum() / image_denom
 
     loss = loss_diff + out.aux_loss
-    cap = torch.zeros((), device=logits.device)
-    correct = sel_logits.argmax(-1) == target
+    cap = torch.zeros((), device=ce.device)
     if cfg.cap_lambda > 0:
         # CAP: sharpen the distribution where the prediction is already right, so threshold decoding accepts more.
-        logp = F.log_softmax(sel_logits.float()[correct], dim=-1)
-        cap = -(logp.exp() * logp).sum(-1).sum() / correct.sum().clamp(min=1)
+        cap = (entropy * correct).sum() / correct.sum().clamp(min=1)
         loss = loss + cfg.cap_lambda * cap
-    # No masked token: loss_diff is a sum over an empty selection of the logits, still in the graph (zero grads reach
-    # every parameter, so every rank runs the same backward), with no host sync to test for it.
+    # No masked token: loss_diff is a sum over an empty selection, still in the graph (the head ran on zero rows:
+    # zero grads reach every parameter, so every rank runs the same backward), with no host sync to test for it.
 
     n_masked = masked.sum()
     metrics.update(loss=loss.detach(), loss_diffusion=loss_diff.detach(), loss_text=loss_text.detach(),

@@ -248,7 +248,8 @@ def apply_tensor_parallel(model, specs: dict[str, ShardSpec], tp_rank: int, tp_s
         # Sequence shards between the embedding and the head: split before the first block, gather before lm_head.
         model.model.layers[0].register_forward_pre_hook(
             lambda mod, args: (comm.scatter(args[0], 1),) + tuple(args[1:]))
-        model.lm_head.register_forward_pre_hook(lambda mod, args: (comm.gather(args[0], 1),) + tuple(args[1:]))
+        # after the final norm (position-wise), so the logits and the hidden states the loss takes are both whole
+        model.model.norm.register_forward_hook(lambda mod, args, out: comm.gather(out, 1))
 
 
 def _enter_tp_region(comm, sp: bool):

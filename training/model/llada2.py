@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from training.model.attention import Attention
 from training.model.mlp import SwiGLU
@@ -21,10 +22,11 @@ from training.model.rope import rope_tables
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, L, V] (fp32 on the way out of the head under autocast: see forward)
+    logits: torch.Tensor | None  # [B, L, V] (fp32 on the way out of the head under autocast), None if return_hidden
     aux_loss: torch.Tensor  # scalar: load-balancing + router z-loss, already scaled by their coefficients
     router: list[RouterStats] = field(default_factory=list)  # one per MoE layer
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (k, v) of *these* tokens, if use_cache
+    hidden: torch.Tensor | None = None  # [B, L_kept, H] final normed hidden states, if return_hidden
 
 
 class DecoderLayer(nn.Module):
@@ -37,9 +39,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = layer_idx >= cfg.first_k_dense_replace
         self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.recompute_attention = getattr(cfg, "activation_checkpointing", "none") == "selective"
+        if self.is_moe:
+            self.mlp.experts.recompute = self.recompute_attention
 
     def forward(self, x, cos, sin, mask, past_kv=None):
-        a, kv = self.attention(self.input_layernorm(x), cos, sin, mask, past_kv)
+        if self.recompute_attention and torch.is_grad_enabled():
+            a, kv = checkpoint(self.attention, self.input_layernorm(x), cos, sin, mask, past_kv, use_reentrant=False)
+        else:
+            a, kv = self.attention(self.input_layernorm(x), cos, sin, mask, past_kv)
         x = x + a
         h = self.post_attention_layernorm(x)
         if self.is_moe:
@@ -66,18 +74,20 @@ class LLaDA2MoE(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.word_embeddings.weight
-        self.activation_checkpointing = False
+        self.activation_checkpointing = getattr(cfg, "activation_checkpointing", "none")  # none | full | selective
         self.last_router: list[RouterStats] = []
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.word_embeddings(input_ids)
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_kv=None, use_cache=False,
-                inputs_embeds=None, logits_to_keep: int | None = None) -> ModelOutput:
+                inputs_embeds=None, logits_to_keep: int | None = None, return_hidden: bool = False) -> ModelOutput:
         """input_ids [B, L] (or inputs_embeds [B, L, H]); position_ids [B, L] (default arange, offset by the cache);
         attention_mask: bool broadcastable to [B, 1, L, L_past + L] (True = may attend), a FlexAttention BlockMask,
         or None (full bidirectional). past_kv: list of per-layer (k, v) from earlier calls with use_cache=True.
-        logits_to_keep: run the LM head on the first N positions only (block diffusion needs none for x_0)."""
+        logits_to_keep: run the LM head on the first N positions only (block diffusion needs none for x_0).
+        return_hidden: skip the LM head and return the final normed hidden states (the loss runs the head itself, on
+        the masked rows only)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, l, _ = x.shape
         if position_ids is None:
@@ -90,9 +100,9 @@ class LLaDA2MoE(nn.Module):
         stats, new_kv = [], []
         for i, layer in enumerate(self.model.layers):
             past = past_kv[i] if past_kv else None
-            if self.activation_checkpointing and self.training:
-                x, kv, aux, st = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attention_mask, past,
-                                                                   use_reentrant=False)
+            if self.activation_checkpointing == "full" and torch.is_grad_enabled():
+                # the layer's collectives (EP all-to-all, TP) run again in the backward, on every rank alike
+                x, kv, aux, st = checkpoint(layer, x, cos, sin, attention_mask, past, use_reentrant=False)
             else:
                 x, kv, aux, st = layer(x, cos, sin, attention_mask, past)
             if aux is not None:
@@ -100,11 +110,13 @@ class LLaDA2MoE(nn.Module):
                 stats.append(st)
             if use_cache:
                 new_kv.append(kv)
+        h = self.model.norm(x)  # (sequence parallel gathers the positions here, see tensor_parallel.py)
         if logits_to_keep is not None:
-            x = x[:, :logits_to_keep]
-        logits = self.lm_head(self.model.norm(x)).float()
+            h = h[:, :logits_to_keep]
         self.last_router = stats  # read by the trainer for logging and the bias update (the loss hides the output)
-        return ModelOutput(logits=logits, aux_loss=aux_total, router=stats, kv=new_kv if use_cache else None)
+        logits = None if return_hidden else self.lm_head(h).float()
+        return ModelOutput(logits=logits, aux_loss=aux_total, router=stats, kv=new_kv if use_cache else None,
+                           hidden=h if return_hidden else None)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from training import accelerator
 from training.model.mlp import SwiGLU
@@ -74,6 +75,7 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
         self.grouped_gemm = grouped_gemm
+        self.recompute = False  # model.activation_checkpointing=selective: recompute the expert MLPs in the backward
 
     def _use_grouped(self, dtype: torch.dtype, on_cuda: bool) -> bool:
         if not hasattr(torch, "_grouped_mm") or self.grouped_gemm == "off":
@@ -86,6 +88,11 @@ class Experts(nn.Module):
         """x [M, H] sorted by (local) expert, counts[e] rows each -> [M, H]."""
         if x.shape[0] == 0:
             return x
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._compute, x, counts, use_reentrant=False)
+        return self._compute(x, counts)
+
+    def _compute(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         on_cuda = x.is_cuda or accelerator.cuda()  # (cuda() also in the rehearsal's memory pass, on cpu tensors)
         # autocast does not cover _grouped_mm: on CUDA take its dtype explicitly, as a Linear would. On CPU the
         # experts keep the input dtype (bf16 _grouped_mm is ~4x slower than fp32 on these CPUs, measured).

@@ -135,6 +135,7 @@ def memory_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
             flops = FlopCounterMode(display=False)
             with flops:
                 sums, _, _ = train_step(engine, iter(batches[1:]), 1, cfg, 1, specials_for(cfg))
+            masked = int(sums["n_masked"])  # exact: the mask is drawn from the batch alone (a shadowed value)
         peak = mt.get_tracker_snapshot("peak").get(cpu, {})
         plan = _shard_plan(engine)
     by = {str(k).split(".")[-1].lower(): int(v) for k, v in peak.items()}
@@ -142,7 +143,8 @@ def memory_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
     by["grad"], by["act"] = by.get("grad", 0) + moved, by.get("act", 0) - moved
     return {"pass": "memory", "peak_bytes": by.pop("total", 0), "peak_by_category": by,
             "flops_per_micro_batch": int(flops.get_total_flops()), "block_size": int(sums["block_size"]),
-            "tokens_per_micro_batch": int(sums["tokens"]), "backward_collectives": backward,
+            "tokens_per_micro_batch": int(sums["tokens"]), "masked_tokens": masked,
+            "backward_collectives": backward,
             "params_local": _local_params(engine), **plan}
 
 
