@@ -9,7 +9,7 @@ export WANDB_SILENT ?= true
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup test test-unit test-dist test-slurm test-e2e quickstart bench gpu-check clean
+.PHONY: setup test test-unit test-dist test-slurm test-e2e test-faults quickstart bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,7 @@ setup: $(BIN)/.installed
 
 # Tests run two pytest workers on 2 cores: one thread each. Single-process commands (quickstart stages) keep
 # torch's default; `launch local` gives each rank cores/nproc threads.
-test test-unit test-dist test-slurm test-e2e: export OMP_NUM_THREADS ?= 1
+test test-unit test-dist test-slurm test-e2e test-faults: export OMP_NUM_THREADS ?= 1
 
 test: setup
 	$(BIN)/pytest -q -n 2 --dist loadgroup tests
@@ -39,6 +39,10 @@ test-slurm: setup
 
 test-e2e: setup
 	$(BIN)/pytest -q -m e2e tests
+
+# kill -9 at seeded random moments + rerun == uninterrupted (docs/faults.md); UNIDIFF_FAULT_KILLS=50 for the long run
+test-faults: setup
+	$(BIN)/pytest -q -m faults tests
 
 quickstart: setup
 	$(BIN)/unidiff quickstart configs/experiments/quickstart.yaml

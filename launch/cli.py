@@ -7,11 +7,47 @@ validated before the command does any work. Each command is a function `(cfg, ar
 """
 from __future__ import annotations
 
-import argparse
-import importlib
+import signal
 import sys
 
-from training.config import ConfigError
+# SIGTERM / SIGUSR1 (SLURM's pre-timeout signal) ask `unidiff train` to save and stop. The trainer's own handlers
+# (training/trainer.py: _StopFlag) exist only once torch and the engine are imported, seconds after start; until
+# then USR1's default action would kill the rank. So the train command installs a recorder here, before any import
+# below pulls in torch, and the trainer takes over whatever it recorded (it reads the `received` list of the
+# handler it replaces).
+EARLY_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class EarlySignals:
+    """A signal handler that only records: the signals go to the trainer when it starts."""
+
+    def __init__(self):
+        self.received: list[int] = []
+
+    def __call__(self, signum, frame):
+        self.received.append(signum)
+
+
+def install_early_signal_handlers() -> None:
+    """Idempotent (`python -m launch.cli` may import this file a second time as `launch.cli`): a recorder already in
+    place keeps what it recorded."""
+    if any(hasattr(signal.getsignal(s), "received") for s in EARLY_SIGNALS):
+        return
+    recorder = EarlySignals()
+    try:
+        for s in EARLY_SIGNALS:
+            signal.signal(s, recorder)
+    except ValueError:  # not the main thread (imported by a tool): the trainer installs its own
+        pass
+
+
+if sys.argv[1:2] == ["train"]:
+    install_early_signal_handlers()
+
+import argparse  # noqa: E402  (after the handlers, on purpose)
+import importlib  # noqa: E402
+
+from training.config import ConfigError  # noqa: E402  (imports torch)
 
 
 def _flags_info(p):
@@ -114,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "target", None):
         parser.print_help()
         return 2
+    if args.target == COMMANDS["train"][0]:  # main(["train", ...]) from Python: as early as it can be here
+        install_early_signal_handlers()
     config, overrides, args.positionals = _split(args.words)
     args.config, args.overrides = config, overrides
     if getattr(args, "out", "") is None and args.positionals:  # `data make-sample OUT` style
