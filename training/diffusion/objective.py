@@ -114,11 +114,12 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
                 inputs_embeds=embeds, logits_to_keep=length, return_hidden=True)  # x_0 never needs the LM head
 
     # The LM head runs on the masked rows only, a chunk at a time (masked_head_ce): never [B, L, V] logits.
-    target = x0[masked]
-    ce, correct, entropy = masked_head_ce(core.lm_head, out.hidden[masked], target, cfg.loss_chunk,
+    sel = masked.nonzero(as_tuple=True)  # one host sync (the count of masked tokens) for every selection below
+    target = x0[sel]
+    ce, correct, entropy = masked_head_ce(core.lm_head, out.hidden[sel], target, cfg.loss_chunk,
                                           with_entropy=cfg.cap_lambda > 0)
-    w = elbo_weight(cfg.schedule, t[masked]) if cfg.elbo_weight else torch.ones_like(ce)
-    img = is_image[masked]
+    w = elbo_weight(cfg.schedule, t[sel]) if cfg.elbo_weight else torch.ones_like(ce)
+    img = is_image[sel]
     lam = torch.where(img, cfg.loss_weight_image, cfg.loss_weight_text)
     counted = masked if cfg.normalize == "token" else maskable
     denom = counted.sum().clamp(min=1)

@@ -59,6 +59,7 @@ class Audit:
     collectives: dict = field(default_factory=lambda: defaultdict(lambda: {"calls": 0, "bytes": 0}))
     host_syncs: Counter = field(default_factory=Counter)
     standins: Counter = field(default_factory=Counter)
+    busy: bool = False  # inside a host read DeviceGuardFree already counted
 
     def summary(self) -> dict:
         return {"device_violations": len(self.violations), "violations": self.violations[:50],
@@ -218,8 +219,9 @@ class RehearsalMode(TorchDispatchMode):
     # ---- values the host reads ------------------------------------------------------------------------------
     def _data_dependent_shape(self, *tensors) -> None:
         """An op whose output size depends on values (nonzero, boolean indexing, repeat_interleave without
-        output_size) waits on the GPU for them: a host sync inside the op."""
-        if any(t.is_cuda for t in tensors):
+        output_size) waits on the GPU for them: a host sync inside the op (unless DeviceGuardFree counted the call
+        that issued it)."""
+        if not self.audit.busy and any(t.is_cuda for t in tensors):
             self.audit.host_syncs[f"{where()} (data-dependent shape)"] += 1
 
     def _scalar(self, t: torch.Tensor):
@@ -324,6 +326,18 @@ class RehearsalMode(TorchDispatchMode):
         self.audit.violations.append({"what": what, "detail": detail, "where": where()})
 
 
+def _sized_by_values(func, args, kwargs) -> bool:
+    """Ops whose output size is read from a device tensor's values (a host sync inside the op)."""
+    if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+        return _has_cuda_mask(args[1])
+    if func in (torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select):
+        return any(t.is_cuda for t in _tensors((args, kwargs)))
+    if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return isinstance(repeats, torch.Tensor) and repeats.is_cuda and kwargs.get("output_size") is None
+    return False
+
+
 def _has_cuda_mask(idx) -> bool:
     items = idx if isinstance(idx, tuple) else (idx,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.is_cuda for i in items)
@@ -353,23 +367,33 @@ class DeviceGuardFree(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _HOST_READS and not self._reading and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
-            # FakeTensor.tolist is `[e.item() for e in self]`: count the tolist once, not its items
-            caller = sys._getframe(1)
+        if self._reading or not self._host_sync(func, args, kwargs):
+            return self._run(func, args, kwargs)
+        self._reading = self.audit.busy = True  # the ops inside belong to this one sync
+        try:
+            return self._run(func, args, kwargs)
+        finally:
+            self._reading = self.audit.busy = False
+
+    def _host_sync(self, func, args, kwargs) -> bool:
+        """Whether this call waits for the device (and count it): a host read of a device tensor, or an op whose
+        output size comes from device values. One count per call, however many elements it reads."""
+        if func in _HOST_READS and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+            # FakeTensor.tolist is `[e.item() for e in self]`: count the tolist once, not each item
+            caller = sys._getframe(2)
             for _ in range(8):
                 if caller is None or caller.f_code.co_name == "tolist":
                     break
                 caller = caller.f_back
             in_tolist = caller is not None and caller.f_code.co_name == "tolist"
             if not (in_tolist and caller is self._tolist_frame):
-                self.audit.host_syncs[where()] += 1  # one device-to-host copy per call, however many elements
+                self.audit.host_syncs[where()] += 1
             self._tolist_frame = caller if in_tolist else None
-            self._reading = True
-            try:
-                return self._run(func, args, kwargs)
-            finally:
-                self._reading = False
-        return self._run(func, args, kwargs)
+            return True
+        if _sized_by_values(func, args, kwargs):
+            self.audit.host_syncs[f"{where()} (data-dependent shape)"] += 1
+            return True
+        return False
 
     def _run(self, func, args, kwargs):
         if func is torch.tensor and args and isinstance(args[0], (list, tuple)):
@@ -385,8 +409,6 @@ class DeviceGuardFree(TorchFunctionMode):
             return f"torch.cuda.{_LEGACY_TYPE[args[0].dtype]}Tensor"
         if func is torch.Tensor.copy_:
             return aten.copy_.default(args[0], args[1], kwargs.get("non_blocking", False))
-        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and _has_cuda_mask(args[1]):
-            self.audit.host_syncs[f"{where()} (boolean index)"] += 1  # the result's size waits for the mask
         if func is torch.Tensor.__getitem__:
             args = (args[0], _long_indices(args[1]), *args[2:])
         try:
