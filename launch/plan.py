@@ -86,6 +86,12 @@ def summarize(cfg, dev: dict, mem: dict, nodes: int, gpn: int, rank: int) -> dic
         seconds = st["bytes"] * _FACTOR.get(op, lambda n: 1.0)(max(n, 1)) / bw if n > 1 else 0.0
         comm_s += seconds
         table[key] = {**st, "group_size": n, "link": span, "seconds_lower_bound": seconds}
+    from training.trainer import flops_per_token
+    seq = cfg.train.seq_len
+    # Model FLOPs (the trainer's MFU formula: no recomputation) per GPU; `flops` is what the GPU executes.
+    model_flops = flops_per_token(cfg.model, seq, 0 < mem["block_size"] < seq,
+                                  mem["masked_tokens"] / max(mem["tokens_per_micro_batch"], 1)) \
+        * int(dev["tokens_per_step"]) / (nodes * gpn)
     compute_s = flops / cfg.train.peak_flops
     # The engines issue their collectives synchronously today (expert all-to-all inside each layer, gradient
     # reduction after the backward): nothing overlaps, so compute at peak plus traffic at link speed bounds the step.
@@ -99,7 +105,9 @@ def summarize(cfg, dev: dict, mem: dict, nodes: int, gpn: int, rank: int) -> dic
             "masked_fraction": mem["masked_tokens"] / max(mem["tokens_per_micro_batch"], 1), "host_syncs_per_step": int(dev["host_syncs"]),
             "host_sync_sites": dev["host_sync_sites"], "standins": dev["standins"], "collectives": table,
             "step_seconds_lower_bound": step_s, "compute_seconds": compute_s, "comm_seconds_lower_bound": comm_s,
-            "mfu_upper_bound": compute_s / step_s if step_s > 0 else 0.0, "params_local": mem["params_local"],
+            "model_flops_per_step": int(model_flops),
+            "mfu_upper_bound": model_flops / (step_s * cfg.train.peak_flops) if step_s > 0 else 0.0,
+            "params_local": mem["params_local"],
             "checkpoint_bytes_per_rank": mem["checkpoint_bytes"], "world_size": nodes * gpn, "nodes": nodes,
             "gpus_per_node": gpn, "rank": rank, "engine": layout["engine"], "layout": layout,
             "attention_rehearsed": "sdpa (FlexAttention cannot run on fake tensors in a CPU build)"}
@@ -119,7 +127,8 @@ def print_report(r: dict) -> None:
         print(f"    {k:<8} {_human(v)}")
     print(f"  params on this rank   {r['params_local'] / 1e9:.3f} B; checkpoint shard {_human(r['checkpoint_bytes_per_rank'])}")
     print(f"  tokens per step       {r['tokens_per_step']} ({r['micro_batches_per_step']} micro-batches per rank)")
-    print(f"  FLOPs per step (GPU)  {r['flops_per_step']:.3e}")
+    print(f"  FLOPs per step (GPU)  {r['flops_per_step']:.3e} executed, {r['model_flops_per_step']:.3e} model "
+          "(no recomputation)")
     print(f"  host syncs per step   {r['host_syncs_per_step']}")
     for site, n in list(r["host_sync_sites"].items())[:6]:
         print(f"    {n:>4} x {site[:110]}")
