@@ -50,8 +50,9 @@ def _batches(cfg, world, count: int) -> list[dict]:
     return [next(it) for _ in range(count)]
 
 
-def _init_fake_world(rank: int, world_size: int, gpus_per_node: int) -> None:
+def _init_fake_world(rank: int, world_size: int, gpus_per_node: int, seed: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
+    torch.manual_seed(seed + rank)  # as the trainer seeds: the same masks in every rehearsal of this rank
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % gpus_per_node),
                       LOCAL_WORLD_SIZE=str(gpus_per_node))
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
@@ -81,7 +82,7 @@ def device_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
     from training.engines import build_engine
     from training.trainer import _any_rank, host_metrics, train_step
 
-    _init_fake_world(rank, world_size, gpus_per_node)
+    _init_fake_world(rank, world_size, gpus_per_node, cfg.train.seed)
     audit = Audit()
     with accelerator.rehearse_cuda(), _megatron_runtime(cfg, on_cuda=True):
         device = accelerator.device_for(0)
@@ -111,7 +112,7 @@ def memory_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
     from training.engines import build_engine
     from training.trainer import train_step
 
-    _init_fake_world(rank, world_size, gpus_per_node)
+    _init_fake_world(rank, world_size, gpus_per_node, cfg.train.seed)
     _register_flop_formulas()
     cpu = torch.device("cpu")
     mt = MemTracker()
