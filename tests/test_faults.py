@@ -94,11 +94,17 @@ def token_dir(tmp_path_factory):
 
 
 def test_single_process_on_token_shards_survives_kills(tmp_path, token_dir):
+    """Real token shards, two sources mixed by weight, 2 micro-batches per step; the small val split packs into 8
+    steps per epoch, so the run (and its kills) crosses epoch boundaries."""
     kills, steps = _scaled(4, 10)
-    words = [f"data.raw_dir={token_dir.raw_dir}", f"data.token_dir={token_dir.token_dir}",
-             *[w for w in TRAIN if not w.startswith(("train.seq_len", "train.global_batch_size"))],
-             "train.seq_len=128", "train.global_batch_size=2"]
+    words = [f"data.raw_dir={token_dir.raw_dir}", f"data.token_dir={token_dir.token_dir}", "data.split=val",
+             "data.datasets.interleaved=1.0", "data.datasets.vqa=2.0",
+             *[w for w in TRAIN if not w.startswith("train.seq_len")], "train.seq_len=128"]
     _kill_and_compare(tmp_path, ["train"], words, seed=3903, kills=kills, steps=steps, timeout_s=120)
+    import torch
+
+    extra = torch.load(tmp_path / f"killed/checkpoints/step_{steps:06d}/extra/rank00000.pt", weights_only=False)
+    assert extra["loader"]["0"]["epoch"] >= 1, extra["loader"]  # the run did cross an epoch boundary
 
 
 # ---- a signal before the trainer starts ------------------------------------------------------------------------
