@@ -63,6 +63,9 @@ def _flags_export(p):
     p.add_argument("--out", required=True, help="output dir for config.json + safetensors")
     p.add_argument("--checkpoint", default="", help="checkpoint dir (default: the run's latest valid one)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--layout", default="released", choices=["released", "merged"],
+                   help="routed experts one key each (released HF checkpoints, model_type llada2_moe) or stacked "
+                        "[E, ...] per layer (dFactory training layout, model_type llada2_moe_veomni)")
 
 
 def _flags_out(p):

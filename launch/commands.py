@@ -37,7 +37,7 @@ def cmd_hf_import(cfg, args) -> int:
         want = shapes.get(t.target)
         if want is None:
             raise ConfigError(f"unexpected weight {t.key} for this config.json")
-        if (want[1:] if t.expert is not None else want) != t.shape:
+        if not t.fits(want):
             raise ConfigError(f"{t.key}: shape {t.shape} does not match config.json ({want})")
         seen += 1
     out = Path(args.out)
@@ -50,7 +50,8 @@ def cmd_hf_import(cfg, args) -> int:
 
 
 def cmd_hf_export(cfg, args) -> int:
-    """Read a checkpoint saved under any engine and layout (no process group needed) and write the HF layout."""
+    """Read a checkpoint saved under any engine and layout (no process group needed) and write it in HF format:
+    `--layout released` (per-expert keys, as the HF releases) or `merged` (dFactory's stacked experts)."""
     import torch
 
     from training.checkpoint import CheckpointManager
@@ -60,8 +61,9 @@ def cmd_hf_export(cfg, args) -> int:
     ckpt = Path(args.checkpoint) if args.checkpoint else CheckpointManager(cfg.run_dir).latest_valid()
     if ckpt is None:
         raise ConfigError(f"no valid checkpoint under {cfg.run_dir / 'checkpoints'}; pass --checkpoint DIR")
-    out = export_hf(full_state_dict_from_checkpoint(ckpt), cfg.model, args.out, dtype=getattr(torch, args.dtype))
-    print(f"exported {ckpt} -> {out}")
+    out = export_hf(full_state_dict_from_checkpoint(ckpt), cfg.model, args.out, dtype=getattr(torch, args.dtype),
+                    layout=args.layout)
+    print(f"exported {ckpt} -> {out} ({args.layout} layout)")
     return 0
 
 

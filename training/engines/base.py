@@ -175,33 +175,11 @@ class Engine:
 
     @torch.no_grad()
     def load_hf(self, path) -> dict:
-        """Initialise the weights from an HF-format checkpoint dir (official names, per-expert tensors), streamed
-        tensor by tensor; each rank keeps only its shard. Optimizer state is untouched (fresh)."""
-        from training.hf_format import check_complete, iter_hf_tensors, load_hf_weights
-        own = self._local_tensors()
-        if all(self.specs[n].is_full for n in own):
-            report = load_hf_weights(self.unwrap(), path)
-            self._after_load_params()
-            return report
-        want = {n: (self.specs[n].local_shape[0] if self.specs[n].kind == "expert" else 1) for n in own}
-        filled, unexpected = {}, []
-        for t in iter_hf_tensors(path):
-            if t.target not in own:
-                unexpected.append(t.key)
-                continue
-            spec, dst = self.specs[t.target], own[t.target]
-            if t.expert is None:
-                dst.copy_(spec.slice_full(t.load().to(dst.dtype)))
-                filled[t.target] = 1
-                continue
-            for local_start, global_start, n in spec.pieces:  # experts: dim 0 = expert id
-                if global_start <= t.expert < global_start + n:
-                    one = t.load()
-                    if spec.sub is not None:  # ETP: this rank's range of the intermediate dim
-                        one = one.narrow(spec.sub[0] - 1, spec.sub[1], spec.sub[2])
-                    dst[local_start + t.expert - global_start].copy_(one.to(dst.dtype))
-                    filled[t.target] = filled.get(t.target, 0) + 1
-        report = check_complete(self.unwrap(), filled, want, unexpected, path)
+        """Initialise the weights from an HF-format checkpoint dir (official names, released per-expert or merged
+        layout), streamed tensor by tensor; each rank reads only its shard of the experts. Optimizer state is
+        untouched (fresh)."""
+        from training.hf_format import load_hf_shards
+        report = load_hf_shards(self.unwrap(), self._local_tensors(), self.specs, path)
         self._after_load_params()
         return report
 
