@@ -25,7 +25,8 @@ from training.config import load_config  # noqa: E402
 from training.decoder import checkpoint  # noqa: E402
 from training.decoder.latent import latent_shape  # noqa: E402
 from training.decoder.pairs import decoder_pairs  # noqa: E402
-from training.decoder.train import decode_tokens, distill, load_decoder, train_decoder  # noqa: E402
+from training.decoder.decode import decode_tokens, load_decoder  # noqa: E402
+from training.decoder.train import distill, train_decoder  # noqa: E402
 
 
 def _timed(fn):

@@ -297,8 +297,8 @@ def check_train(engine: str, dev: torch.device, root: Path, timeout: float, step
 
 # ---- 3. throughput -------------------------------------------------------------------------------------------------
 def check_throughput(dev: torch.device, warmup: int = 3, steps: int = 5) -> dict:
-    from data_pipeline.layout import specials_for
     from data_pipeline.loader import build_loader
+    from data_pipeline.text_tokenizer import specials_for
     from training.config import load_config
     from training.diffusion import diffusion_loss
     from training.model import build_model

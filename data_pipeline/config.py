@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from training.config_errors import ConfigError
+
 
 @dataclass
 class ImageTokenizerConfig:
@@ -31,8 +33,6 @@ class ImageTokenizerConfig:
     kmeans_max_features: int = 200_000  # feature vectors sampled for k-means
 
     def validate(self, root) -> None:
-        from training.config import ConfigError
-
         p = "data.image_tokenizer"
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{p}.hidden_size={self.hidden_size} is not allowed: must be divisible by "
@@ -90,8 +90,6 @@ class DataConfig:
     drop_too_long: bool = True  # documents with an image longer than seq_len are dropped (counted); False: error
 
     def validate(self, root) -> None:
-        from training.config import ConfigError
-
         self.image_tokenizer.validate(root)
         for t in self.caption_tasks:
             if t not in ("caption", "t2i"):

@@ -207,29 +207,3 @@ def decode_sequence(ids, tok, specials: SpecialTokens, offset: int) -> list[tupl
     if cursor < len(ids):
         out.append(("text", tok.decode(ids[cursor:])))
     return out
-
-
-def specials_for(cfg) -> "SpecialTokens | dict":
-    """The special token ids of a run: from its text tokenizer, checked against the model's vocab layout.
-
-    Synthetic data (data.synthetic) has no tokenizer: the mask token is the last text id (the synthetic loader
-    never emits it)."""
-    if cfg.data.synthetic:
-        return {"mask": cfg.model.image_token_offset - 1, "eos": 0, "uncondition": cfg.model.image_token_offset - 2}
-    from data_pipeline.pretokenize import text_tokenizer_path
-    from data_pipeline.text_tokenizer import load_text_tokenizer, vocab_layout
-    from training.config import ConfigError
-
-    path = text_tokenizer_path(cfg.data)
-    if not path.exists():
-        raise ConfigError(f"data.text_tokenizer: {path} does not exist; run `unidiff data make-sample` first, "
-                          f"point data.text_tokenizer at a tokenizer.json, or set data.synthetic=true")
-    tok = load_text_tokenizer(path)
-    offset, vocab = vocab_layout(tok, cfg.data.image_tokenizer.num_embeddings)
-    if cfg.model.image_token_offset < tok.vocab_size or cfg.model.vocab_size < cfg.model.image_token_offset + \
-            cfg.data.image_tokenizer.num_embeddings:
-        raise ConfigError(f"model.image_token_offset={cfg.model.image_token_offset} / model.vocab_size="
-                          f"{cfg.model.vocab_size} do not fit the text tokenizer {path} ({tok.vocab_size} ids) and "
-                          f"the {cfg.data.image_tokenizer.num_embeddings}-entry codebook: use "
-                          f"model.image_token_offset={offset} model.vocab_size={vocab}")
-    return SpecialTokens.from_tokenizer(tok)

@@ -28,15 +28,11 @@ from data_pipeline.image_tokenizer.load import load_image_tokenizer
 from data_pipeline.image_tokenizer.preprocess import (generate_crop_size_list, resize_for_understanding,
                                                       to_pixel_values, var_center_crop)
 from data_pipeline.manifest import build_manifest, index_path, read_index, tar_offsets, write_json_atomic
-from data_pipeline.text_tokenizer import load_text_tokenizer, vocab_layout
+from data_pipeline.text_tokenizer import load_text_tokenizer, text_tokenizer_path, vocab_layout
 
 LAYOUT_VERSION = "llada2-uni-v1"
 SHARD_FORMAT = 2  # bump when the token shard or index format changes: finished shards are then redone
 CAPTION_PROMPT = "describe this image."
-
-
-def text_tokenizer_path(dcfg) -> Path:
-    return Path(dcfg.text_tokenizer) if dcfg.text_tokenizer else Path(dcfg.raw_dir) / "tokenizer.json"
 
 
 def _npy(a: np.ndarray) -> bytes:

@@ -12,6 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_pipeline import layout
+from training.config_errors import ConfigError
 
 # Grids up to this side get their <|reserved_token_{n}|> in the sample tokenizer (n = 0 .. MAX_GRID).
 MAX_GRID = 128
@@ -44,6 +45,11 @@ class TextTokenizer:
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+
+def text_tokenizer_path(dcfg) -> Path:
+    """The run's tokenizer.json: data.text_tokenizer, else the one `unidiff data make-sample` writes."""
+    return Path(dcfg.text_tokenizer) if dcfg.text_tokenizer else Path(dcfg.raw_dir) / "tokenizer.json"
 
 
 def load_text_tokenizer(path: str | Path) -> TextTokenizer:
@@ -98,3 +104,25 @@ def vocab_layout(tok: TextTokenizer, codebook_size: int, multiple_of: int = 128)
     """
     offset = -(-tok.vocab_size // multiple_of) * multiple_of
     return offset, offset + codebook_size
+
+
+def specials_for(cfg) -> "layout.SpecialTokens | dict":
+    """The special token ids of a run: from its text tokenizer, checked against the model's vocab layout.
+
+    Synthetic data (data.synthetic) has no tokenizer: the mask token is the last text id (the synthetic loader
+    never emits it)."""
+    if cfg.data.synthetic:
+        return {"mask": cfg.model.image_token_offset - 1, "eos": 0, "uncondition": cfg.model.image_token_offset - 2}
+    path = text_tokenizer_path(cfg.data)
+    if not path.exists():
+        raise ConfigError(f"data.text_tokenizer: {path} does not exist; run `unidiff data make-sample` first, "
+                          f"point data.text_tokenizer at a tokenizer.json, or set data.synthetic=true")
+    tok = load_text_tokenizer(path)
+    offset, vocab = vocab_layout(tok, cfg.data.image_tokenizer.num_embeddings)
+    if cfg.model.image_token_offset < tok.vocab_size or cfg.model.vocab_size < cfg.model.image_token_offset + \
+            cfg.data.image_tokenizer.num_embeddings:
+        raise ConfigError(f"model.image_token_offset={cfg.model.image_token_offset} / model.vocab_size="
+                          f"{cfg.model.vocab_size} do not fit the text tokenizer {path} ({tok.vocab_size} ids) and "
+                          f"the {cfg.data.image_tokenizer.num_embeddings}-entry codebook: use "
+                          f"model.image_token_offset={offset} model.vocab_size={vocab}")
+    return layout.SpecialTokens.from_tokenizer(tok)

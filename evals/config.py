@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from training.config_errors import ConfigError
+
 TASK_NAMES = ("elbo", "choice", "vqa", "caption", "t2i", "reconstruction", "speed")
 ESTIMATORS = ("t", "l")
 SAMPLINGS = ("stratified", "antithetic", "iid")
@@ -41,8 +43,6 @@ class EvalConfig:
     progress: bool = True  # tqdm bars on long tasks
 
     def validate(self, root) -> None:
-        from training.config import ConfigError
-
         def check(ok, key, value, allowed):
             if not ok:
                 raise ConfigError(f"eval.{key}={value} is not allowed: must be {allowed}")

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from evals.config import TASK_NAMES
 from evals.context import EvalContext, TaskResult
 from evals.tasks import get_task
 from training import accelerator
+from training.config_errors import ConfigError
 
 
 def run_tasks(ctx: EvalContext, names: list[str]) -> list[TaskResult]:
@@ -61,8 +63,6 @@ def _line(r: TaskResult) -> str:
 # ------------------------------------------------------------------------------------------------ loading
 
 def load_backbone(cfg, device):
-    from training.config import ConfigError
-
     src = cfg.eval.checkpoint
     if src == "none":
         raise LookupError("eval.checkpoint=none")
@@ -92,7 +92,7 @@ def load_backbone(cfg, device):
 def decoder_fn(source, steps: int = 0):
     """A checkpoint dir (or an already loaded (model, meta), e.g. another decoder_fn's `.loaded`) -> callable
     ids [B, gh, gw] -> images [B, 3, H, W] in [-1, 1] (its own sampler; its own steps unless `steps`)."""
-    from training.decoder.train import decode_tokens, load_decoder
+    from training.decoder.decode import decode_tokens, load_decoder
 
     model, meta = source if isinstance(source, tuple) else load_decoder(source)
 
@@ -267,9 +267,6 @@ def _eval_tracking(cfg, out_dir: Path):
 
 
 def parse_tasks(arg: str | None, default: list[str]) -> list[str]:
-    from evals.config import TASK_NAMES
-    from training.config import ConfigError
-
     names = [t.strip() for t in arg.split(",") if t.strip()] if arg else list(default)
     bad = [t for t in names if t not in TASK_NAMES]
     if bad or not names:

@@ -47,66 +47,9 @@ if sys.argv[1:2] == ["train"]:
 import argparse  # noqa: E402  (after the handlers, on purpose)
 import importlib  # noqa: E402
 
-from training.config import ConfigError  # noqa: E402  (imports torch)
-
-
-def _flags_info(p):
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-
-def _flags_import(p):
-    p.add_argument("--src", required=True, help="HF checkpoint dir (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="model preset YAML to write")
-
-
-def _flags_export(p):
-    p.add_argument("--out", required=True, help="output dir for config.json + safetensors")
-    p.add_argument("--checkpoint", default="", help="checkpoint dir (default: the run's latest valid one)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--layout", default="released", choices=["released", "merged"],
-                   help="routed experts one key each (released HF checkpoints, model_type llada2_moe) or stacked "
-                        "[E, ...] per layer (dFactory training layout, model_type llada2_moe_veomni)")
-
-
-def _flags_out(p):
-    p.add_argument("--out", default=None, help="output path (default: from the config)")
-
-
-def _flags_pretokenize(p):
-    p.add_argument("--workers", type=int, default=None, help="worker processes over shards")
-    p.add_argument("--shards", default=None, help="A:B: only raw shards A..B-1 (train then val, sorted); no manifest")
-    p.add_argument("--merge", action="store_true", help="check every shard is finished, then write manifest.json")
-
-
-# name -> (target "module:function", flag adder or None, help)
-COMMANDS: dict[str, tuple[str, object, str]] = {
-    "model info": ("launch.commands:cmd_model_info", _flags_info, "parameter counts (meta device, no memory)"),
-    "convert hf-import": ("launch.commands:cmd_hf_import", _flags_import,
-                          "check an HF checkpoint and write a model preset for it (train with train.init_from=DIR)"),
-    "convert hf-export": ("launch.commands:cmd_hf_export", _flags_export, "export a checkpoint to HF format"),
-    "train": ("launch.commands:cmd_train", None, "train the backbone (in this process; see `launch local`)"),
-    "data make-sample": ("data_pipeline.sample:cmd_make_sample", _flags_out,
-                         "write the bundled raw sample shards (real photos from wheels + procedural shapes) to OUT"),
-    "tokenizer fit-codebook": ("data_pipeline.image_tokenizer.fit_codebook:cmd_fit_codebook", _flags_out,
-                               "fit the SigLIP-VQ codebook by spherical k-means on ViT features"),
-    "pretokenize": ("data_pipeline.pretokenize:cmd_pretokenize", _flags_pretokenize,
-                    "raw shards -> token shards in the official layout + manifest.json (resumable)"),
-    "eval": ("evals.harness:cmd_eval", importlib.import_module("evals.harness").add_eval_flags,
-             "evaluate a run: likelihood, understanding, generation, reconstruction, speed"),
-    "generate": ("training.diffusion.generate:cmd_generate",
-                 importlib.import_module("training.diffusion.generate").add_generate_args,
-                 "understanding (image + question -> text), text-to-image, editing from a checkpoint"),
-    "train-decoder": ("training.decoder.train:cmd_train_decoder", None,
-                      "train the diffusion decoder (image tokens -> pixels, rectified flow)"),
-    "distill": ("training.decoder.train:cmd_distill", None, "distill the decoder to a few-step student"),
-    "quickstart": ("launch.quickstart:cmd_quickstart", None, "the whole pipeline on the bundled default"),
-    "plan": ("launch.plan:cmd_plan", importlib.import_module("launch.plan").add_flags,
-             "rehearse one rank of an N-GPU job on this CPU: memory, FLOPs, collectives, device hygiene"),
-    "launch local": ("launch.local:cmd_launch_local", importlib.import_module("launch.local").add_flags,
-                     "torchrun on this machine: --nproc N ranks of `unidiff train`"),
-    "launch slurm": ("launch.slurm:cmd_launch_slurm", importlib.import_module("launch.slurm").add_flags,
-                     "render + sbatch a multi-node job (srun per rank, pre-timeout save, requeue, auto-resume)"),
-}
+from launch.registry import COMMANDS  # noqa: E402
+from training.config import load_config  # noqa: E402  (imports torch)
+from training.config_errors import ConfigError  # noqa: E402
 
 
 def _split(words: list[str]):
@@ -137,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
             p = groups[words[0]].add_parser(words[1], help=help_text)
         p.set_defaults(target=target)
         p.add_argument("words", nargs="*", help="CONFIG.yaml, dotted.key=value overrides, and positionals")
+        if isinstance(add_flags, str):  # "module:function" in the command's own module
+            module, fn = add_flags.split(":")
+            add_flags = getattr(importlib.import_module(module), fn)
         if add_flags:
             add_flags(p)
     return parser
@@ -159,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     args.config, args.overrides = config, overrides
     if getattr(args, "out", "") is None and args.positionals:  # `data make-sample OUT` style
         args.out = args.positionals.pop(0)
-    from training.config import load_config
-
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:

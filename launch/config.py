@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from training.config_errors import ConfigError
+
 # sbatch --time accepts: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -53,8 +55,6 @@ class LaunchConfig:
     max_parallel_tasks: int = 0  # `--array`: array tasks running at once (sbatch --array=...%N); 0 = no limit
 
     def validate(self, root) -> None:
-        from training.config import ConfigError
-
         def need(ok: bool, key: str, value, allowed: str) -> None:
             if not ok:
                 raise ConfigError(f"launch.{key}={value} is not allowed: must be {allowed}")

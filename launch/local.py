@@ -12,7 +12,9 @@ import subprocess
 import sys
 
 from launch.layout import check_world
-from training.config import ConfigError
+from launch.registry import check_command
+from training import accelerator
+from training.config_errors import ConfigError
 
 
 def add_flags(p) -> None:
@@ -22,9 +24,7 @@ def add_flags(p) -> None:
 
 
 def _visible_gpus() -> int:
-    from training.accelerator import gpus_visible
-
-    return gpus_visible()
+    return accelerator.gpus_visible()
 
 
 def torchrun_argv(nproc: int, command: str, words: list[str]) -> list[str]:
@@ -41,11 +41,8 @@ def rank_env(cfg, nproc: int) -> dict[str, str]:
 
 
 def cmd_launch_local(cfg, args) -> int:
-    from launch.cli import COMMANDS
-
     command = getattr(args, "command", None) or "train"
-    if command not in COMMANDS:
-        raise ConfigError(f"--command {command} is not a unidiff command; allowed: {', '.join(sorted(COMMANDS))}")
+    check_command(command)
     nproc = args.nproc if getattr(args, "nproc", None) is not None else cfg.launch.nproc
     if nproc < 0:
         raise ConfigError(f"--nproc {nproc} is not allowed: must be >= 0 (0 = one per GPU, or 1)")

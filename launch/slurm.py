@@ -22,6 +22,7 @@ from pathlib import Path
 
 from launch.config import LaunchConfig
 from launch.layout import check_world
+from launch.registry import check_command
 from training.config import ConfigError, save_config
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -213,10 +214,7 @@ def launch_slurm(cfg, args, rank_command: str | None = None) -> list[str]:
     if getattr(args, "array", False):
         return _launch_array(cfg, args, lc, slurm_dir, workdir, config_snapshot, dry, rank_command)
     command = getattr(args, "command", None) or "train"
-    from launch.cli import COMMANDS
-
-    if command not in COMMANDS:
-        raise ConfigError(f"--command {command} is not a unidiff command; allowed: {', '.join(sorted(COMMANDS))}")
+    check_command(command)
     check_world(cfg, lc.nodes, lc.ranks_per_node(), lc.gpus_per_node, train_batch=command == "train")
     script_path = slurm_dir / f"{command.replace(' ', '-')}.sbatch"
     text = render_train_script(lc, cfg.run.name, slurm_dir, workdir,

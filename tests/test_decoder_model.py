@@ -9,7 +9,7 @@ from training.decoder.config import DecoderConfig
 from training.decoder.dit import apply_rope, rope_tables
 from training.decoder.samplers import guided_velocity
 from training.decoder.sigvq import TokenDecoder, upsample_ids
-from training.decoder.train import decode_tokens, decoder_meta, load_decoder
+from training.decoder.decode import decode_tokens, decoder_meta, load_decoder
 
 pytestmark = pytest.mark.unit
 

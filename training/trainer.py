@@ -139,7 +139,7 @@ def _set_rng_state(state: dict) -> None:
 
 def train(cfg: Config) -> dict:
     from data_pipeline.loader import build_loader
-    from data_pipeline.layout import specials_for
+    from data_pipeline.text_tokenizer import specials_for
     from training.checkpoint import CheckpointManager
     from training.engines import build_engine
     from training.tracking import Tracker

@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from training.decoder.decode import load_decoder
 
 # released config.json key -> DecoderConfig field (others are ignored or checked)
 _CONFIG_KEYS = {"dim": "dim", "n_layers": "n_layers", "n_refiner_layers": "n_refiner_layers", "n_heads": "n_heads",
@@ -33,8 +36,6 @@ def config_overrides(release_dir: str | Path) -> dict:
 
 def load_weights(model, source: str | Path, sigvq_path: str | Path = "") -> None:
     """Released model.safetensors (strict) into model.transformer; optional sigvq_embedding.pt into model.sigvq."""
-    from safetensors.torch import load_file
-
     source = Path(source)
     if (source / "model.safetensors").exists():
         sd = load_file(str(source / "model.safetensors"))
@@ -43,8 +44,6 @@ def load_weights(model, source: str | Path, sigvq_path: str | Path = "") -> None
             raise ValueError(f"decoder.init_from={source}: weights do not match decoder.* config; "
                              f"missing {missing[:5]}..., unexpected {unexpected[:5]}...")
     else:  # one of our own checkpoints
-        from training.decoder.train import load_decoder
-
         src, _ = load_decoder(source)
         model.load_state_dict(src.state_dict())
     if sigvq_path:

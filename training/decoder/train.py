@@ -20,11 +20,14 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from training.config import save_config
 from training.decoder import checkpoint
+from training.decoder.decode import decoder_meta, load_decoder
 from training.decoder.distill import TrajectoryPool, distill_loss, trajectory_loss
 from training.decoder.flow import flow_loss
 from training.decoder.latent import build_latent
 from training.decoder.pairs import batches, decoder_pairs
+from training.decoder.release import load_weights
 from training.decoder.sigvq import TokenDecoder
 from training import accelerator
 
@@ -140,11 +143,6 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def decoder_meta(dcfg, sampler: str, steps: int, extra: dict | None = None) -> dict:
-    """What `decode_tokens` needs to rebuild and run a checkpoint without the run's config."""
-    return {"decoder": asdict(dcfg), "sampler": sampler, "steps": steps, **(extra or {})}
-
-
 def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple[Path, TokenDecoder]:
     """Train the flow-matching teacher; returns its checkpoint dir (<run_dir>/decoder/checkpoints) and the model."""
     d = cfg.decoder
@@ -153,8 +151,6 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
     ckpt_dir = out / "checkpoints"
     model = build_decoder(d)
     if d.init_from:
-        from training.decoder.release import load_weights
-
         load_weights(model, d.init_from, d.sigvq_from)
     stepper = _Stepper(model, d.lr, d.weight_decay, d.grad_clip, _lr_lambda(d.warmup_steps, d.train_steps, d.min_lr / d.lr),
                        engine=d.engine, zero_stage=d.zero_stage, batch_size=d.batch_size)
@@ -200,52 +196,6 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
         print(f"train-decoder: {d.train_steps - start} steps in {time.time() - t0:.1f}s, final loss {loss_v:.4f}, "
               f"checkpoint {ckpt_dir}")
     return ckpt_dir, module
-
-
-def load_decoder(source, use_ema: bool = True) -> tuple[TokenDecoder, dict]:
-    """A TokenDecoder from a checkpoint dir (its `latest` step, or a step dir) plus the checkpoint's meta."""
-    from training.decoder.config import DecoderConfig
-
-    path = Path(source)
-    step_dir = path if (path / "meta.json").exists() else checkpoint.latest_path(path)
-    if step_dir is None:
-        raise FileNotFoundError(f"no decoder checkpoint in {source} (expected step_N/ and latest)")
-    state = checkpoint.load(step_dir)
-    meta = state["meta"]
-    model = build_decoder(DecoderConfig(**meta["decoder"]))
-    model.load_state_dict(state["ema" if use_ema and "ema" in state else "model"])
-    return model.eval(), meta
-
-
-@torch.no_grad()
-def decode_tokens(decoder, grid_ids: torch.Tensor, steps: int | None = None, cfg_scale: float | None = None,
-                  seed: int = 0, sampler: str | None = None, noise: torch.Tensor | None = None,
-                  stochast_ratio: float = 1.0) -> torch.Tensor:
-    """VQ id grids [B, gh, gw] -> images [B, 3, H, W] in [-1, 1].
-
-    decoder: a checkpoint dir or a TokenDecoder. A checkpoint's meta chooses the sampler (teacher: Euler ODE with
-    shift and CFG; distilled student: turbo) and the default steps; `steps`/`cfg_scale`/`sampler` override them.
-    stochast_ratio: turbo re-noising, 1 = fresh noise (released), 0 = the model's own noise estimate (deterministic).
-    """
-    from training.decoder.latent import build_latent, latent_shape
-    from training.decoder.samplers import euler_sample, turbo_sample
-
-    meta = {}
-    if not isinstance(decoder, torch.nn.Module):
-        decoder, meta = load_decoder(decoder)
-    d = decoder.cfg
-    sampler = sampler or meta.get("sampler", d.sampler)
-    steps = steps or meta.get("steps", d.steps)
-    cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
-    gen = torch.Generator().manual_seed(seed)
-    shape = (grid_ids.shape[0], *latent_shape(d))
-    z = noise if noise is not None else torch.randn(shape, generator=gen)
-    decoder.eval()
-    if sampler == "turbo":
-        x = turbo_sample(decoder, z, grid_ids, steps, generator=gen, stochast_ratio=stochast_ratio, cfg_scale=cfg_scale)
-    else:
-        x = euler_sample(decoder, z, grid_ids, steps, d.sample_shift, cfg_scale, d.cfg_norm_clip)
-    return build_latent(d).decode(x)
 
 
 def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
@@ -312,8 +262,6 @@ def _tracker(cfg, section: str) -> LogFn | None:
 
 
 def cmd_train_decoder(cfg, args: argparse.Namespace) -> int:
-    from training.config import save_config
-
     rank, _ = _rank_world()
     if rank == 0:
         save_config(cfg, Path(cfg.run_dir) / "config.yaml")
@@ -322,8 +270,6 @@ def cmd_train_decoder(cfg, args: argparse.Namespace) -> int:
 
 
 def cmd_distill(cfg, args: argparse.Namespace) -> int:
-    from training.config import save_config
-
     save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     distill(cfg, log=_tracker(cfg, "distill"))
     return 0

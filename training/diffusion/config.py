@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from training.config_errors import ConfigError
+from training.diffusion.schedule import validate_block_schedule
+
 SCHEDULES = ("linear", "cosine")
 NORMALIZE = ("token", "sequence")
 STRATEGIES = ("low_confidence", "top_k_margin", "neg_entropy")
@@ -49,9 +52,6 @@ class DiffusionConfig:
     cfg_image_scale: float = 0.0  # editing: source-image guidance
 
     def validate(self, root) -> None:
-        from training.config import ConfigError
-        from training.diffusion.schedule import validate_block_schedule
-
         def check(ok, key, value, allowed):
             if not ok:
                 raise ConfigError(f"diffusion.{key}={value} is not allowed: must be {allowed}")

@@ -14,8 +14,17 @@ import numpy as np
 import torch
 
 from data_pipeline import layout
-from training.diffusion.samplers import edit_image, generate_image, generate_text
+from data_pipeline.image_tokenizer.load import load_image_tokenizer
+from data_pipeline.image_tokenizer.preprocess import (generate_crop_size_list, resize_for_understanding,
+                                                      to_pixel_values, var_center_crop)
+from data_pipeline.text_tokenizer import load_text_tokenizer, text_tokenizer_path
 from training import accelerator
+from training.checkpoint import CheckpointManager
+from training.config_errors import ConfigError
+from training.diffusion.samplers import edit_image, generate_image, generate_text
+from training.engines.shard_format import full_state_dict_from_checkpoint
+from training.hf_format import import_hf
+from training.model import build_model
 
 SYSTEM_EDIT = "You are an image editing assistant."
 
@@ -72,18 +81,9 @@ def _device(model) -> torch.device:
 def load_model(cfg, checkpoint: str | None, device: str = "cpu"):
     """An HF-format dir (config.json + safetensors) or a framework checkpoint dir of any engine/layout; default:
     the latest valid checkpoint of the run dir."""
-    from training.config import ConfigError
-
     if checkpoint and (Path(checkpoint) / "config.json").exists():
-        from training.hf_format import import_hf
-
         return import_hf(checkpoint, device=device, base=cfg.model)[1].eval()
-    from training.engines.shard_format import full_state_dict_from_checkpoint
-    from training.model import build_model
-
     if not checkpoint:
-        from training.checkpoint import CheckpointManager
-
         found = CheckpointManager(cfg.run_dir / "checkpoints").latest_valid()
         if found is None:
             raise ConfigError(f"no valid checkpoint under {cfg.run_dir / 'checkpoints'}; pass --checkpoint DIR "
@@ -106,9 +106,6 @@ def _parse_grid(text: str) -> tuple[int, int]:
 def _encode_image(image_tok, icfg, path: str, for_generation: bool) -> tuple:
     from PIL import Image
 
-    from data_pipeline.image_tokenizer.preprocess import (generate_crop_size_list, resize_for_understanding,
-                                                          to_pixel_values, var_center_crop)
-
     img = Image.open(path)
     if for_generation:  # an editing source uses the generation crop, so the output grid is a generation grid
         img = var_center_crop(img, generate_crop_size_list(icfg.gen_max_patches, icfg.resize_factor), scale=True)
@@ -120,11 +117,6 @@ def _encode_image(image_tok, icfg, path: str, for_generation: bool) -> tuple:
 
 def cmd_generate(cfg, args) -> int:
     """args: task (understand | t2i | edit), prompt, image, grid, checkpoint, out, samples, seed, device."""
-    from data_pipeline.image_tokenizer.load import load_image_tokenizer
-    from data_pipeline.pretokenize import text_tokenizer_path
-    from data_pipeline.text_tokenizer import load_text_tokenizer
-    from training.config import ConfigError
-
     if args.task in ("understand", "edit") and not args.image:
         raise ConfigError(f"generate {args.task} needs --image PATH")
     device = args.device or str(accelerator.device_for(0))

@@ -5,10 +5,10 @@ sequence, i.e. MDLM, where only the x_t half is fed to the model.
 """
 from __future__ import annotations
 
+from training.config_errors import ConfigError
+
 
 def validate_block_schedule(schedule, seq_len: int) -> None:
-    from training.config import ConfigError
-
     if not schedule:
         raise ConfigError("diffusion.block_schedule=[] is not allowed: must list at least one [step, block_size]")
     prev = -1

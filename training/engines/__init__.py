@@ -9,16 +9,16 @@ All engines share the trainer contract (`Engine` in base.py) and the reshardable
 """
 from __future__ import annotations
 
+import os
+
+from training.config_errors import ConfigError
 from training.engines.base import Engine
-from training.engines.world import ParallelWorld
+from training.engines.world import ParallelWorld, check_layout
 
 
 def build_engine(cfg) -> Engine:
     """Initialise torch.distributed from the torchrun environment if WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)
     and build the engine named by cfg.train.engine."""
-    import os
-
-    from training.engines.world import check_layout
     check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     engine = cfg.train.engine
     if engine == "native":
@@ -30,7 +30,6 @@ def build_engine(cfg) -> Engine:
     if engine == "deepspeed":
         from training.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(cfg)
-    from training.config import ConfigError
     raise ConfigError(f"train.engine={engine} is not allowed: must be native | megatron | deepspeed")
 
 

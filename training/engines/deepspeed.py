@@ -32,6 +32,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from training.config_errors import ConfigError
 from training.engines.base import Engine, MOMENTS, no_decay
 from training.engines.native import build_sharded_model
 from training.engines.tensor_parallel import _all_reduce
@@ -112,7 +113,6 @@ class DeepSpeedEngine(Engine):
     def __init__(self, cfg):
         super().__init__(cfg)
         par = cfg.parallel
-        from training.config import ConfigError
         for key in ("expert_tensor", "pipeline"):
             if getattr(par, key) != 1:
                 raise ConfigError(f"parallel.{key}={getattr(par, key)} is not allowed with train.engine=deepspeed: "

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from training import accelerator
+from training.config_errors import ConfigError
 from training.engines import megatron_cpu_compat as compat
 from training.engines.base import Engine, MOMENTS
 from training.engines.native import build_sharded_model
@@ -86,7 +87,6 @@ class MegatronEngine(Engine):
     def __init__(self, cfg):
         super().__init__(cfg)
         par = cfg.parallel
-        from training.config import ConfigError
         if par.pipeline != 1:
             raise ConfigError(f"parallel.pipeline={par.pipeline} is not allowed with train.engine=megatron: "
                               "must be 1 (not implemented for the LLaDA2 model yet)")

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from training.config_errors import ConfigError
 from training.engines.base import Engine, MOMENTS, no_decay
 from training.engines.expert_parallel import shard_experts
 from training.engines.sharding import assign_owners, default_specs, init_local, mark_params
@@ -51,7 +52,6 @@ class NativeEngine(Engine):
         super().__init__(cfg)
         par = cfg.parallel
         if par.pipeline != 1:
-            from training.config import ConfigError
             raise ConfigError(f"parallel.pipeline={par.pipeline} is not allowed with train.engine={self.name}: "
                               "must be 1 (not implemented)")
         self.world = world or build_world(par.tensor, par.expert, par.sequence_parallel, etp=par.expert_tensor)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from training import accelerator
+from training.config_errors import ConfigError
 
 
 @dataclass
@@ -117,7 +118,6 @@ def build_world(tp: int, ep: int, sequence_parallel: bool = False, timeout_s: in
 
 def check_layout(cfg, world_size: int) -> int:
     """Fail before any work starts when the parallel layout cannot tile `world_size` ranks; returns the DP size."""
-    from training.config import ConfigError
     par = cfg.parallel
     dp = par.data_parallel(world_size)  # raises ConfigError naming tensor/pipeline/expert
     if world_size % par.expert:

@@ -22,8 +22,13 @@ import sys
 import torch
 import torch.distributed as dist
 
+from data_pipeline.loader import build_loader
+from data_pipeline.text_tokenizer import specials_for
 from training import accelerator
-from training.rehearsal.dispatch import Audit, DeviceGuardFree, RehearsalMode
+from training.config import load_config
+from training.engines import build_engine, megatron_cpu_compat as compat
+from training.rehearsal.dispatch import Audit, DeviceGuardFree, RehearsalMode, presented_as_meta
+from training.trainer import _any_rank, host_metrics, train_step
 
 
 def _group_labels(world) -> dict[str, str]:
@@ -43,7 +48,6 @@ def _group_labels(world) -> dict[str, str]:
 
 def _batches(cfg, world, count: int) -> list[dict]:
     """Real host batches from the config's loader (drawn before any fake mode, so their values are real)."""
-    from data_pipeline.loader import build_loader
     loader = build_loader(cfg, seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                           dp_rank=world.dp_rank, dp_size=world.dp_size, seed=cfg.train.seed)
     it = iter(loader)
@@ -78,10 +82,6 @@ def _shard_plan(engine) -> dict:
 def device_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from data_pipeline.layout import specials_for
-    from training.engines import build_engine
-    from training.trainer import _any_rank, host_metrics, train_step
-
     _init_fake_world(rank, world_size, gpus_per_node, cfg.train.seed)
     audit = Audit()
     with accelerator.rehearse_cuda(), _megatron_runtime(cfg, on_cuda=True):
@@ -107,10 +107,6 @@ def memory_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
-
-    from data_pipeline.layout import specials_for
-    from training.engines import build_engine
-    from training.trainer import train_step
 
     _init_fake_world(rank, world_size, gpus_per_node, cfg.train.seed)
     _register_flop_formulas()
@@ -249,8 +245,6 @@ def _megatron_runtime(cfg, on_cuda: bool):
     import megatron.core.optimizer as mopt
     from megatron.core.distributed import DistributedDataParallel
 
-    from training.engines import megatron_cpu_compat as compat
-    from training.rehearsal.dispatch import presented_as_meta
     init, new_group, get_optimizer = DistributedDataParallel.__init__, dist.new_group, mopt.get_megatron_optimizer
 
     def fake_gloo(*a, **k):
@@ -278,7 +272,6 @@ def _megatron_runtime(cfg, on_cuda: bool):
 
 def main(argv: list[str]) -> int:
     """python -m training.rehearsal.passes PASS RANK WORLD GPUS_PER_NODE CONFIG [overrides...] -> one JSON line"""
-    from training.config import load_config
     which, rank, world, gpn, path, *overrides = argv
     cfg = load_config(path, overrides)
     fn = {"device": device_pass, "memory": memory_pass}[which]
