@@ -63,3 +63,21 @@ def test_generate_understanding(files, capsys):
                                    out=str(root / "und"))) == 0
     ans = json.loads((root / "und" / "answer.json").read_text())
     assert ans["tokens"] <= 24 and ans["nfe"] >= 1 and "generate understand" in capsys.readouterr().out
+
+
+def test_without_checkpoint_it_loads_the_latest_of_the_run_dir(files):
+    """No --checkpoint: the run's own <run_dir>/checkpoints/latest, as the trainer's CheckpointManager saved it."""
+    import torch
+
+    from training.checkpoint import CheckpointManager
+    from training.diffusion.generate import load_model
+    from training.engines.native import NativeEngine
+
+    cfg, _ = files
+    engine = NativeEngine(cfg)
+    saved = CheckpointManager(cfg.run_dir).save(engine, 1, {})
+    assert saved.parent == cfg.run_dir / "checkpoints"
+    model = load_model(cfg, None)
+    want = engine.full_state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, want[k], msg=k)

@@ -84,7 +84,7 @@ def load_model(cfg, checkpoint: str | None, device: str = "cpu"):
     if checkpoint and (Path(checkpoint) / "config.json").exists():
         return import_hf(checkpoint, device=device, base=cfg.model)[1].eval()
     if not checkpoint:
-        found = CheckpointManager(cfg.run_dir / "checkpoints").latest_valid()
+        found = CheckpointManager(cfg.run_dir).latest_valid()  # it appends checkpoints/ itself
         if found is None:
             raise ConfigError(f"no valid checkpoint under {cfg.run_dir / 'checkpoints'}; pass --checkpoint DIR "
                               f"(a checkpoint step dir or an HF-format dir)")
