@@ -4,7 +4,8 @@ Same design and parameter names as the released `ZImageTransformer2DModel` (LLaD
 `model.safetensors` loads with `load_state_dict` (see docs/decoder.md for what is covered):
   noise_refiner (t-modulated) on latent patches, context_refiner (no modulation) on condition tokens,
   then `layers` over the concatenation [x, cap]; adaLN with tanh gates, sandwich RMSNorms, QK-norm, SwiGLU,
-  3-axis RoPE (sequence, h, w) with condition token k at (k+1, 0, 0) and patch (h, w) at (Ncap+1, h, w).
+  3-axis RoPE (sequence, h, w) with condition slot k at (k+1, 0, 0), pads included, and patch (h, w) at
+  (Ncap_padded+1, h, w) (`position_ids`).
 Differences from the release, on purpose: a batch holds images of one size (no per-item lists), so every
 sequence is a dense [B, L, dim] tensor; the released attention is diffusers' `Attention`, here a plain module with
 the same parameter names (`attention.to_q`, `to_k`, `to_v`, `to_out.0`, `norm_q`, `norm_k`).
@@ -137,6 +138,25 @@ def _pad_len(n: int) -> int:
     return (-n) % SEQ_MULTI_OF
 
 
+def position_ids(n_cap: int, gh: int, gw: int, cap_rope: str = "sequence") -> tuple[torch.Tensor, int]:
+    """RoPE ids [L, 3] of the stream [patches + pads, cap + pads] and the padded patch count.
+
+    As released (`patchify_and_embed` / `_pad_with_ids`): the cap ids are laid over the *padded* cap length, so cap
+    slot k, pad slots included, is (k+1, 0, 0); patch (h, w) is (Ncap_padded + 1, h, w) and the patch pads (0, 0, 0).
+    cap_rope=grid (a cap the size of the patch grid): cap k is (1, h_k, w_k), its cell; laid out on a grid like the
+    patches, its pads take (0, 0, 0) as the patch pads do. A cap of another length falls back to the sequence ids."""
+    n_img, cap_pad = gh * gw, n_cap + _pad_len(n_cap)
+    hh, ww = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    img = torch.stack([torch.full_like(hh, cap_pad + 1), hh, ww], -1).reshape(-1, 3)
+    img = torch.cat([img, torch.zeros(_pad_len(n_img), 3, dtype=img.dtype)])
+    cap = torch.zeros(cap_pad, 3, dtype=torch.long)
+    if cap_rope == "grid" and n_cap == n_img:
+        cap[:n_cap] = torch.stack([torch.ones_like(hh), hh, ww], -1).reshape(-1, 3)
+    else:
+        cap[:, 0] = torch.arange(1, cap_pad + 1)
+    return torch.cat([img, cap]), img.shape[0]
+
+
 class DiT(nn.Module):
     """velocity = DiT(x [B, C, H, W] latent, t [B] in [0, 1] (0 noise, 1 data), cap [B, Ncap, cap_feat_dim])."""
 
@@ -173,24 +193,13 @@ class DiT(nn.Module):
         for blk in list(self.noise_refiner) + list(self.layers):
             nn.init.zeros_(blk.adaLN_modulation[0].weight)
 
-    def _rope(self, n_cap: int, gh: int, gw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids as released: cap k -> (k+1, 0, 0); patch (h, w) -> (Ncap_padded + 1, h, w); pads -> 0.
-
-        cap_rope=grid: cap k -> (1, h_k, w_k), its cell on the DiT grid (the condition is upsampled to that grid)."""
+    def _rope(self, n_cap: int, gh: int, gw: int, device) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """cos/sin of `position_ids` for this size (cached) and the padded patch count."""
         key = (n_cap, gh, gw, str(device))
         if key not in self._rope_cache:
-            n_img, cap_pad = gh * gw, n_cap + _pad_len(n_cap)
-            hh, ww = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-            img = torch.stack([torch.full_like(hh, cap_pad + 1), hh, ww], -1).reshape(-1, 3)
-            img = torch.cat([img, torch.zeros(_pad_len(n_img), 3, dtype=img.dtype)])
-            cap = torch.zeros(cap_pad, 3, dtype=torch.long)
-            if self.cfg.cap_rope == "grid" and n_cap == n_img:
-                cap[:n_cap] = torch.stack([torch.ones_like(hh), hh, ww], -1).reshape(-1, 3)
-            else:
-                cap[:n_cap, 0] = torch.arange(1, n_cap + 1)
-            pos = torch.cat([img, cap])
+            pos, n_img_pad = position_ids(n_cap, gh, gw, self.cfg.cap_rope)
             cos, sin = rope_tables(pos, list(self.cfg.axes_dims), self.cfg.rope_theta)
-            self._rope_cache[key] = (cos.to(device), sin.to(device), img.shape[0])
+            self._rope_cache[key] = (cos.to(device), sin.to(device), n_img_pad)
         cos, sin, n_img_pad = self._rope_cache[key]
         return (cos, sin), n_img_pad
 
