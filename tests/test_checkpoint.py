@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.engine_cases import ROOT, batch, loss_fn, make_cfg
+from tests.dist_helpers import run_distributed
 
 pytestmark = pytest.mark.unit
 
@@ -133,3 +134,91 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
                          "model.intermediate_size=512", "model.vocab_size=8192"))
     extra = eng.load(ckpt)
     assert extra["step"] == int(ckpt.name.split("_")[1])
+
+
+def test_trainer_state_roundtrips_without_pickle(tmp_path):
+    """RNG states (torch, numpy, python), an optimizer state dict (int keys, tuples) come back equal from
+    JSON + safetensors, and a saved checkpoint holds no pickle (nothing read back can execute code)."""
+    import random
+
+    import numpy as np
+
+    from training.checkpoint import CheckpointManager
+    from training.state_file import read_state, write_state
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters(), betas=(0.9, 0.95))
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+             "optimizer": opt.state_dict(), "misc": [1, 2.5, None, "s", (1, (2, 3))], "nan": float("nan")}
+    write_state(tmp_path / "s", state)
+    back = read_state(tmp_path / "s")
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
+    assert back["rng"]["python"] == state["rng"]["python"] and back["misc"] == state["misc"]
+    np.random.set_state(back["rng"]["numpy"])
+    a = np.random.rand(4)
+    np.random.set_state(state["rng"]["numpy"])
+    assert (a == np.random.rand(4)).all()
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert all(torch.equal(back["optimizer"]["state"][i][k], v) for i, s in state["optimizer"]["state"].items()
+               for k, v in s.items())
+    opt.load_state_dict(back["optimizer"])
+    with pytest.raises(TypeError, match="cannot be saved"):
+        write_state(tmp_path / "bad", {"f": lambda: 0})
+
+    eng = _engine()
+    ckpt = CheckpointManager(tmp_path / "run").save(eng, 1, {"step": 1, "rng": {"0": state["rng"]}})
+    for p in ckpt.rglob("*"):
+        if p.is_file():
+            assert p.suffix in (".json", ".safetensors"), p
+    extra = _engine().load(ckpt)
+    assert extra["step"] == 1 and extra["rng"]["0"]["python"] == state["rng"]["python"]
+
+
+def test_verify_splits_hashing_over_ranks(tmp_path):
+    """Each rank hashes 1/world of the files (rank i % world); sizes and existence are checked by all."""
+    from training.checkpoint import CheckpointManager, verify
+    ckpt = CheckpointManager(tmp_path).save(_engine(), 1, {"step": 1})
+    files = sorted(json.loads((ckpt / "manifest.json").read_text())["files"])
+    target = ckpt / files[1]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the owner of file 1's hash can tell
+    target.write_bytes(bytes(data))
+    assert verify(ckpt, True, rank=0, world=2) is None
+    assert "sha256" in verify(ckpt, True, rank=1, world=2)
+    assert "sha256" in verify(ckpt, True)
+    (ckpt / files[0]).unlink()
+    assert "missing" in verify(ckpt, True, rank=1, world=2)  # existence: every rank
+
+
+def _views_disagree(rank, world, roots):
+    """Each rank resumes through its own copy of the run dir (its filesystem view)."""
+    from tests.dist_helpers import init_gloo
+    from training.checkpoint import CheckpointManager
+    init_gloo()
+    import logging as lg
+    records = []
+    handler = lg.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    lg.getLogger("training.checkpoint").addHandler(handler)
+    found = CheckpointManager(roots[rank]).latest_valid()
+    return found.name, records
+
+
+@pytest.mark.dist
+def test_ranks_with_different_views_agree_and_name_the_rank(tmp_path):
+    """A shard missing in one rank's view of the newest checkpoint: both ranks fall back to the same older
+    checkpoint, and the warning names the rank and the file (no rank resumes alone from a checkpoint others lack)."""
+    import shutil
+
+    from training.checkpoint import CheckpointManager
+    mgr = CheckpointManager(tmp_path / "a", keep_last=3)
+    eng = _engine()
+    mgr.save(eng, 1, {"step": 1})
+    second = mgr.save(eng, 2, {"step": 2})
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    lost = next((tmp_path / "b" / "checkpoints" / second.name / "shards").glob("*.safetensors"))
+    lost.unlink()
+    out = run_distributed(_views_disagree, 2, [tmp_path / "a", tmp_path / "b"])
+    assert [name for name, _ in out] == ["step_000001", "step_000001"], out
+    assert any(f"rank 1: {lost} is missing" in msg for msg in out[0][1]), out[0][1]

@@ -295,3 +295,53 @@ def test_chunked_masked_head_equals_the_full_logits_path():
     torch.testing.assert_close(out[0][0], out[1][0])
     assert out[0][1] == out[1][1]
     torch.testing.assert_close(out[0][2], out[1][2])
+
+
+# ---- "token" normalisation over the global batch ----------------------------------------------------------------
+_SEQ = 16
+
+
+def _rows():
+    """Two sequences with very different maskable counts (14 vs 2): per-rank ratios average them very differently
+    from the one ratio over the whole batch."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 60, (2, _SEQ), generator=g)
+    maskable = torch.zeros(2, _SEQ, dtype=torch.bool)
+    maskable[0, :14], maskable[1, -2:] = True, True
+    return {"input_ids": ids, "doc_ids": torch.zeros(2, _SEQ, dtype=torch.long),
+            "position_ids": torch.arange(_SEQ).repeat(2, 1), "is_image": torch.zeros(2, _SEQ, dtype=torch.bool),
+            "maskable": maskable}
+
+
+def _token_norm_step(rank, world, micro):
+    """One trainer step (training.trainer.train_step) of the native engine over rows[rank * per : ...]."""
+    from tests.engine_cases import make_cfg
+    from training.engines import build_engine
+    from training.trainer import train_step
+    # t = 1: every maskable token is masked, so the masks (and counts) are the same in every layout
+    cfg = make_cfg("native", extra=["train.global_batch_size=2", f"train.micro_batch_size={micro}",
+                                    "model.aux_loss_coeff=0", "model.z_loss_coeff=0", "diffusion.normalize=token",
+                                    "diffusion.mask_low=1.0", "diffusion.mask_high=1.0",
+                                    "diffusion.block_schedule=[[0,4]]"])
+    engine = build_engine(cfg)
+    rows, per = _rows(), 2 // world
+    mine = {k: v[rank * per:(rank + 1) * per] for k, v in rows.items()}
+    batches = iter([{k: v[m:m + micro] for k, v in mine.items()} for m in range(0, per, micro)])
+    sums, result, _ = train_step(engine, batches, engine.global_batch_accum(), cfg, 0, {"mask": 1})
+    state = engine.full_state_dict()
+    return {"loss": float(sums["loss"]), "grad_norm": float(result["grad_norm"]),
+            "state": None if state is None else {k: v.clone() for k, v in state.items()}}
+
+
+@pytest.mark.dist
+def test_token_normalisation_is_over_the_global_batch():
+    """Two ranks with 14 and 2 masked tokens, and one process with 2 micro-batches, equal one process over the
+    whole batch (one CE sum / one masked count), in loss, grad norm and weights after the step."""
+    from tests.dist_helpers import run_distributed
+    whole = _token_norm_step(0, 1, micro=2)
+    for name, got in (("2 micro-batches", _token_norm_step(0, 1, micro=1)),
+                      ("2 ranks", run_distributed(_token_norm_step, 2, 1)[0])):
+        assert got["loss"] == pytest.approx(whole["loss"], rel=1e-5), name
+        assert got["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4), name
+        for k, v in whole["state"].items():
+            torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")

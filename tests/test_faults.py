@@ -101,9 +101,9 @@ def test_single_process_on_token_shards_survives_kills(tmp_path, token_dir):
              "data.datasets.interleaved=1.0", "data.datasets.vqa=2.0",
              *[w for w in TRAIN if not w.startswith("train.seq_len")], "train.seq_len=128"]
     _kill_and_compare(tmp_path, ["train"], words, seed=3903, kills=kills, steps=steps, timeout_s=120)
-    import torch
+    from training.state_file import read_state
 
-    extra = torch.load(tmp_path / f"killed/checkpoints/step_{steps:06d}/extra/rank00000.pt", weights_only=False)
+    extra = read_state(tmp_path / f"killed/checkpoints/step_{steps:06d}/extra/rank00000")
     assert extra["loader"]["0"]["epoch"] >= 1, extra["loader"]  # the run did cross an epoch boundary
 
 

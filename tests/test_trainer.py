@@ -102,8 +102,8 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_clear_message(tmp_path, m
     real = diffusion.diffusion_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, cfg, step, specials, generator=None):
-        loss, metrics = real(model, batch, cfg, step, specials, generator)
+    def poisoned(model, batch, cfg, step, specials, generator=None, **kw):
+        loss, metrics = real(model, batch, cfg, step, specials, generator, **kw)
         calls["n"] += 1
         return (loss * float("nan") if step >= 2 else loss), metrics
 
@@ -114,3 +114,24 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_clear_message(tmp_path, m
     rows = read_metrics(tmp_path / "nan")
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 1]
     assert rows[-1]["skipped_total"] == 3
+
+
+@pytest.mark.unit
+def test_non_finite_guard_counts_across_a_resume(tmp_path, monkeypatch):
+    """The guard's counters live in the checkpoint: a job stopped and requeued between non-finite steps still stops
+    after max_consecutive_nonfinite of them in a row (a requeued job must not reset the count and run forever)."""
+    import training.diffusion as diffusion
+
+    real = diffusion.diffusion_loss
+
+    def poisoned(model, batch, cfg, step, specials, generator=None, **kw):
+        loss, metrics = real(model, batch, cfg, step, specials, generator, **kw)
+        return (loss * float("nan") if step >= 2 else loss), metrics
+
+    monkeypatch.setattr(diffusion, "diffusion_loss", poisoned)
+    args = ("tracking.wandb=disabled", "train.max_consecutive_nonfinite=3")
+    _train(_cfg(tmp_path, "nan", *args, "train.stop_after=3"))  # steps 0..2: one non-finite, then a stop
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .* \(last at step 4\)"):
+        _train(_cfg(tmp_path, "nan", *args))
+    rows = read_metrics(tmp_path / "nan")
+    assert [(r["step"], r["skipped_total"]) for r in rows][-2:] == [(3, 2), (4, 3)]

@@ -11,6 +11,7 @@ to save at the end of the current step and exit with code 0.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -86,25 +87,40 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def train_step(engine, batches, accum: int, cfg, step: int, specials) -> tuple[dict, dict, list]:
     """One optimizer step over `accum` micro-batches: what the trainer runs and `unidiff plan` rehearses.
-    Returns (micro-batch means of the loss metrics as device tensors, the engine's step result, per-layer expert
-    loads summed over data parallel). No host synchronisation here but the engine's own (grad norm)."""
-    from training.diffusion import diffusion_loss
+    Returns (the loss metrics as device tensors, averaged over micro-batches and data parallel, the engine's step
+    result, per-layer expert loads summed over data parallel). No host synchronisation here but the engine's own
+    (grad norm)."""
+    from training.diffusion import corrupt, diffusion_loss
 
     engine.model.train()
-    sums: dict = {}
+    w = engine.world
+    # All of the step's masks first: with "token" normalisation the loss is the weighted CE sum over the global
+    # batch / its masked count (one all-reduce), not a mean of per-rank ratios, so ranks (or micro-batches) with
+    # very different masked counts train exactly like one process over the whole batch.
+    raw = [to_device(next(batches), w.device) for _ in range(accum)]
+    noised = [corrupt(b, cfg.diffusion, step, specials) for b in raw]
+    denom = None
+    if cfg.diffusion.normalize == "token":
+        total = engine.all_reduce_dp(torch.stack([n["counted"].sum() for n in noised]).sum().float())
+        denom = total.clamp(min=1) / (w.dp_size * accum)  # the engines average gradients over dp, we over accum
+    sums: dict = {"tokens": sum(b["input_ids"].numel() for b in raw)}
     loads = None
-    for _ in range(accum):
-        batch = to_device(next(batches), engine.world.device)
+    for batch in noised:
         with engine.autocast():
-            loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials)
+            loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials, denom=denom)
         engine.backward(loss / accum)
         for k, v in metrics.items():
             # tensors are averaged over micro-batches; plain numbers (block_size) are per-step constants
             sums[k] = sums.get(k, 0) + v.detach().float() / accum if torch.is_tensor(v) else v
-        sums["tokens"] = sums.get("tokens", 0) + batch["input_ids"].numel()
         router = engine.unwrap().last_router
         loads = [s.load for s in router] if loads is None else [a + s.load for a, s in zip(loads, router)]
     result = engine.step(lr_at(step, cfg))
+    # The logged losses are the global batch's, not rank 0's share (one all-reduce); n_masked stays this rank's
+    # count per micro-batch (the rehearsal reads it back exactly: its value is known from the batch alone).
+    keys = [k for k, v in sums.items() if torch.is_tensor(v) and k != "n_masked"]
+    if keys and w.dp_size > 1:
+        mean = engine.all_reduce_dp(torch.stack([sums[k].reshape(()) for k in keys]), op="mean")
+        sums.update(zip(keys, mean.unbind()))
     loads = [engine.all_reduce_dp(l.clone()) for l in loads or []]
     if loads and cfg.model.expert_bias_update_rate > 0 and not result["skipped"]:
         engine.unwrap().update_expert_bias(loads, cfg.model.expert_bias_update_rate)
@@ -165,8 +181,11 @@ def train(cfg: Config) -> dict:
     start = 0
     resume_from = ckpts.latest_valid() if cfg.train.resume == "auto" else (
         None if cfg.train.resume == "none" else Path(cfg.train.resume))
+    nonfinite_run, skipped_total = 0, 0
     if resume_from is not None:
         extra = engine.load(resume_from)
+        # the guard's counters are part of the run: a requeued job must still reach max_consecutive_nonfinite
+        nonfinite_run, skipped_total = int(extra.get("nonfinite_run", 0)), int(extra.get("skipped_total", 0))
         start = int(extra["step"])
         loader.load_state_dict(extra["loader"][str(w.dp_rank)] if "loader" in extra else {})
         batches = iter(loader)
@@ -179,7 +198,7 @@ def train(cfg: Config) -> dict:
 
     tracker = Tracker(cfg, run_dir, enabled=is_main)
     model_cfg = engine.unwrap().config
-    nonfinite_run, skipped_total, step = 0, 0, start
+    step = start
     last = {}
     t_prev = time.perf_counter()
     steps_this_run = 0
@@ -216,10 +235,11 @@ def train(cfg: Config) -> dict:
         periodic = cfg.train.save_every > 0 and done % cfg.train.save_every == 0
         if periodic or want_stop or done == cfg.train.steps:
             extra = {"step": done, "loader": {str(w.dp_rank): loader.state_dict()},
-                     "rng": {str(w.rank): _rng_state()}, "wandb_run_id": tracker.run_id}
+                     "rng": {str(w.rank): _rng_state()}, "wandb_run_id": tracker.run_id,
+                     "nonfinite_run": nonfinite_run, "skipped_total": skipped_total}
             ckpts.save(engine, done, extra)
             if is_main and loads:  # read by the eval report (expert load plot)
-                torch.save([l.cpu() for l in loads], run_dir / "expert_load_last.pt")
+                (run_dir / "expert_load_last.json").write_text(json.dumps([l.tolist() for l in loads]))
         if want_stop:
             if is_main:
                 why = f"signal {stop.signum}" if stop.raised else f"train.stop_after={cfg.train.stop_after}"
@@ -228,7 +248,10 @@ def train(cfg: Config) -> dict:
             break
     tracker.summary({k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)})
     tracker.close()
-    if is_main:
+    if is_main and start >= cfg.train.steps:
+        print(f"done: the run had already finished (step {start}/{cfg.train.steps}), run dir {run_dir}",
+              file=sys.stderr, flush=True)
+    elif is_main:
         print(f"done: step {step + 1}/{cfg.train.steps}, loss {last.get('loss', float('nan')):.4f}, "
               f"skipped {skipped_total}, run dir {run_dir}", file=sys.stderr, flush=True)
     if torch.distributed.is_initialized():

@@ -1,6 +1,7 @@
 """Small atomic checkpoints for the decoder: `save(dir, step, state)` / `load_latest(dir)`.
 
-Layout: <dir>/step_<N>/{<name>.safetensors for each tensor dict, <name>.pt for other objects, meta.json}
+Layout: <dir>/step_<N>/{<name>.safetensors for each tensor dict, state/<name>.json(+.safetensors) for other objects
+(optimizer and scheduler state: training/state_file.py, nothing that can execute code on load), meta.json}
 and <dir>/latest (text: "step_<N>"). A step is written into a temp dir and renamed into place, and `latest` is
 replaced last, so a crash at any point leaves the previous checkpoint loadable.
 """
@@ -14,13 +15,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.state_file import read_state, write_state
+
 
 def _is_tensor_dict(v) -> bool:
     return isinstance(v, dict) and len(v) > 0 and all(isinstance(x, torch.Tensor) for x in v.values())
 
 
 def save(directory: str | Path, step: int, state: dict, keep_last: int = 0) -> Path:
-    """state: {name: tensor dict -> safetensors | 'meta': json-able dict | other -> torch.save}."""
+    """state: {name: tensor dict -> safetensors | 'meta': json-able dict | other -> state/<name>.json}."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step}"
@@ -34,7 +37,7 @@ def save(directory: str | Path, step: int, state: dict, keep_last: int = 0) -> P
         if _is_tensor_dict(value):
             save_file({k: v.detach().contiguous().cpu() for k, v in value.items()}, str(tmp / f"{name}.safetensors"))
         else:
-            torch.save(value, tmp / f"{name}.pt")
+            write_state(tmp / "state" / name, value)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     if final.exists():
         shutil.rmtree(final)
@@ -55,8 +58,8 @@ def load(path: str | Path) -> dict:
     for f in sorted(path.iterdir()):
         if f.suffix == ".safetensors":
             state[f.stem] = load_file(str(f))
-        elif f.suffix == ".pt":
-            state[f.stem] = torch.load(f, map_location="cpu", weights_only=False)
+    for f in sorted((path / "state").glob("*.json")):
+        state[f.stem] = read_state(f.with_suffix(""))
     return state
 
 

@@ -7,7 +7,8 @@ cond_image_span for CFG dropout):
      complementary mask as a second copy of the batch;
   3. forward x_t || x_0 under the block-diffusion mask (MDLM: x_t only under the document mask);
   4. cross-entropy on masked positions, optional ELBO weight, normalised per masked token or per maskable token
-     ("sequence": the NELBO per token, LLaDA's 1/(B L) for pre-training and 1/answer-length for SFT);
+     ("sequence": the NELBO per token, LLaDA's 1/(B L) for pre-training and 1/answer-length for SFT; "token" over
+     the global batch when the trainer passes the step's count);
      per-modality weights; CAP entropy term; the model's router aux loss.
 """
 from __future__ import annotations
@@ -84,17 +85,36 @@ def masked_head_ce(head, hidden: torch.Tensor, target: torch.Tensor, chunk: int,
     return ce, correct, entropy
 
 
-def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torch.Generator | None = None):
-    """One training forward. cfg: DiffusionConfig; specials: SpecialTokens-like (needs `mask`, and `uncondition`
-    when CFG text dropout is on). Returns (loss scalar tensor with grad, metrics dict of detached tensors / ints).
-
-    metrics: loss, loss_diffusion, loss_text, loss_image, cap_entropy, aux_loss, masked_frac, acc_masked,
-    n_masked, block_size."""
+def corrupt(batch: dict, cfg, step: int, specials, generator: torch.Generator | None = None) -> dict:
+    """Steps 1-2 (all the objective's randomness): the batch with x_t, masked, t, block_size and the tokens the loss
+    is normalised by (`counted`: masked ones for "token", maskable ones for "sequence"). Separate from the forward
+    so the trainer can count a whole step's masked tokens over data parallel before the first backward."""
     mask_id = token_id(specials, "mask")
     length = batch["input_ids"].shape[1]
     block_size = block_size_at(cfg.block_schedule, step, length)
-    batch, metrics = _apply_cfg_dropout(batch, cfg, specials, generator)
+    batch, stats = _apply_cfg_dropout(batch, cfg, specials, generator)
     x_t, masked, t, batch = _noise(batch, cfg, block_size, mask_id, generator)
+    counted = masked if cfg.normalize == "token" else batch["maskable"].bool()
+    return {**batch, "x_t": x_t, "masked": masked, "t": t, "counted": counted, "block_size": block_size,
+            "dropout_stats": stats}
+
+
+def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torch.Generator | None = None,
+                   denom: torch.Tensor | None = None):
+    """One training forward. cfg: DiffusionConfig; specials: SpecialTokens-like (needs `mask`, and `uncondition`
+    when CFG text dropout is on); batch: the loader's, or `corrupt()`'s output. denom: what the weighted CE sum is
+    divided by (default: this batch's `counted` tokens; the trainer passes the step's global count per micro-batch,
+    so a data-parallel step equals one process over the whole global batch). Returns (loss scalar tensor with grad,
+    metrics dict of detached tensors / ints).
+
+    metrics: loss, loss_diffusion, loss_text, loss_image, cap_entropy, aux_loss, masked_frac, acc_masked,
+    n_masked, block_size."""
+    if "x_t" not in batch:
+        batch = corrupt(batch, cfg, step, specials, generator)
+    x_t, masked, t, block_size, counted = (batch[k] for k in ("x_t", "masked", "t", "block_size", "counted"))
+    metrics = dict(batch["dropout_stats"])
+    mask_id = token_id(specials, "mask")
+    length = x_t.shape[1]
     x0, doc, pos = batch["input_ids"], batch["doc_ids"], batch["position_ids"]
     is_image, maskable = batch["is_image"].bool(), batch["maskable"].bool()
 
@@ -122,8 +142,7 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
     w = elbo_weight(cfg.schedule, t[sel]) if cfg.elbo_weight else torch.ones_like(ce)
     img = is_image[sel]
     lam = torch.where(img, cfg.loss_weight_image, cfg.loss_weight_text)
-    counted = masked if cfg.normalize == "token" else maskable
-    denom = counted.sum().clamp(min=1)
+    denom = counted.sum().clamp(min=1) if denom is None else denom
     loss_diff = (lam * w * ce).sum() / denom
     text_denom = (counted & ~is_image).sum().clamp(min=1)
     image_denom = (counted & is_image).sum().clamp(min=1)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from training.engines.shard_format import ShardReader, write_meta, write_rank_shards
 from training.engines.sharding import ShardSpec
 from training.engines.world import ParallelWorld
+from training.state_file import read_state, state_exists, write_state
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ class Engine:
             if spec.owner:
                 entries += [(name, spec.global_shape, offsets, sizes, t[local]) for local, offsets, sizes in spec.boxes()]
         write_rank_shards(ckpt_dir, w.rank, entries)
-        (ckpt_dir / "extra").mkdir(parents=True, exist_ok=True)
-        torch.save(extra, ckpt_dir / "extra" / f"rank{w.rank:05d}.pt")
+        write_state(ckpt_dir / "extra" / f"rank{w.rank:05d}", extra)
         step = self._optim_step()
         if w.is_main:
             write_meta(ckpt_dir, {"layout": self.layout(), "optimizer": {"step": step},
@@ -153,10 +153,10 @@ class Engine:
         elif self.world.is_main:
             log.warning("checkpoint %s has no optimizer state: starting the optimizer fresh", ckpt_dir)
         self._set_optim_state(states, int(reader.meta.get("optimizer", {}).get("step", 0)) if have_optim else 0)
-        extra_path = ckpt_dir / "extra" / f"rank{self.world.rank:05d}.pt"
-        if not extra_path.exists():
-            extra_path = ckpt_dir / "extra" / "rank00000.pt"
-        extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else {}
+        extra_path = ckpt_dir / "extra" / f"rank{self.world.rank:05d}"
+        if not state_exists(extra_path):
+            extra_path = ckpt_dir / "extra" / "rank00000"
+        extra = read_state(extra_path) if state_exists(extra_path) else {}
         self.world.barrier()
         saved = reader.meta.get("layout", {})
         if self.world.is_main:

@@ -3,7 +3,7 @@
     <ckpt>/meta.json                      written by rank 0: format, engine, layout, optimizer step, tensor names
     <ckpt>/shards/rank00003.safetensors   the pieces this rank owns (each distinct piece written by one rank only)
     <ckpt>/shards/rank00003.json          index: key -> {name, offsets, sizes, global_shape, dtype}
-    <ckpt>/extra/rank00003.pt             trainer state passed to save() on that rank (RNG, data loader, step)
+    <ckpt>/extra/rank00003.json (+.safetensors)  trainer state passed to save() on that rank (RNG, loader, step)
 
 Tensors are stored in the model's own names at their *global* coordinates: a piece is an N-d box (offsets, sizes)
 of the full tensor `name`. Optimizer moments are stored in model space under `optim.exp_avg/<name>` and
