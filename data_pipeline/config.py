@@ -69,6 +69,10 @@ class SampleConfig:
 @dataclass
 class DataConfig:
     raw_dir: str = "data/raw"  # raw WebDataset shards (train/ and val/), e.g. from `unidiff data make-sample`
+    # Raw shards as URLs or brace patterns (local path, file:, pipe:CMD, http(s)://; docs/data.md). When either list
+    # is set, the raw_dir folders are not read (raw_dir/tokenizer.json still is the default text tokenizer).
+    train_shards: list[str] = field(default_factory=list)  # e.g. ["pipe:aws s3 cp s3://b/train-{000000..000099}.tar -"]
+    val_shards: list[str] = field(default_factory=list)
     token_dir: str = "data/tokens"  # token shards + manifest.json written by `unidiff pretokenize`
     text_tokenizer: str = ""  # path to a HF tokenizer.json; empty: <raw_dir>/tokenizer.json written by make-sample
     synthetic: bool = False  # train on seeded synthetic token data (no shards needed)
@@ -106,3 +110,7 @@ class DataConfig:
                 raise ConfigError(f"data.datasets.{name}={w} is not allowed: mixing weights must be > 0")
         if self.split not in ("train", "val"):
             raise ConfigError(f"data.split={self.split} is not allowed: must be train | val")
+        for key in ("train_shards", "val_shards"):
+            for u in getattr(self, key):
+                if not (isinstance(u, str) and u.strip()):
+                    raise ConfigError(f"data.{key} contains {u!r}: each entry must be a non-empty URL or path")

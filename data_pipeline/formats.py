@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from data_pipeline.sources import ShardReader
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
@@ -66,29 +68,10 @@ def write_tar(path: str | Path, samples, sort_members: bool = True) -> None:
 
 
 def iter_tar_samples(path: str | Path):
-    """Yield (key, {ext: bytes}, error) per sample; a truncated/corrupt tar ends the stream with one item whose
-    error names the problem (its members are whatever was read before the damage)."""
-    key, members = None, {}
-    try:
-        with tarfile.open(path, "r|") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                if k != key:  # switch before reading, so damage in this member is blamed on this sample
-                    if key is not None:
-                        yield key, members, None
-                    key, members = k, {}
-                data = tf.extractfile(m).read()
-                if len(data) != m.size:
-                    raise tarfile.ReadError(f"member {m.name} truncated ({len(data)} of {m.size} bytes)")
-                members[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as e:
-        yield (key or "<unknown>"), members, f"truncated_tar: {type(e).__name__}: {e}"
-        return
-    if key is not None:
-        yield key, members, None
+    """Yield (key, {ext: bytes}, error) per sample of a local tar; a truncated/corrupt tar ends the stream with one
+    item whose error names the problem (its members are whatever was read before the damage). URLs and transport
+    failures: `sources.ShardReader`, which this is, so raw and token shards follow one grouping rule."""
+    yield from ShardReader(str(path))
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -4,7 +4,8 @@ Per token shard `<name>.tar` there is `<name>.index.json` (written last, atomica
 fingerprint is what marks the shard finished). It lists every sample with its length and the byte offsets of its
 members inside the tar, so the loader plans packing from lengths alone and reads samples by seek.
 `manifest.json` aggregates the indices: inputs, ok, quarantined (with reasons), token counts per modality,
-tokenizer fingerprint and the vocab layout.
+tokenizer fingerprint and the vocab layout. A shard whose transport failed (index key `failed`) is one input,
+quarantined as `stream_failed`; its row says `failed` until a rerun reads it.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def build_manifest(token_dir: Path, fingerprint: dict, vocab: dict) -> dict:
             shards.append({"output": tar.name, "input": idx["input"], **{k: st[k] for k in
                                                                           ("inputs", "ok", "quarantined",
                                                                            "token_samples")},
-                           "truncated": idx.get("truncated", "")})
+                           "truncated": idx.get("truncated", ""),
+                           **({"failed": idx["failed"]} if idx.get("failed") else {})})  # transport: retried
         if not shards:
             continue
         if tot["inputs"] != tot["ok"] + tot["quarantined"]:

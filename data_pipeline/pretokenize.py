@@ -5,6 +5,8 @@ processes (one per GPU when GPUs exist). A shard counts as finished when its ind
 fingerprint, so a killed run restarted with the same command skips finished shards; outputs are a pure function
 of (input, tokenizers, config) and written deterministically, hence byte-identical on rerun.
 Bad raw samples are quarantined with a reason and never stop the run; per split, inputs = ok + quarantined.
+Raw shards come from `data.raw_dir` or the URL lists `data.train_shards` / `data.val_shards` (sources.py). A shard
+whose transport failed counts as one input quarantined as `stream_failed` and stays unfinished: a rerun retries it.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline import layout
-from data_pipeline.formats import ImageLimits, Quarantine, iter_tar_samples, parse_sample, write_tar
+from data_pipeline.formats import ImageLimits, Quarantine, parse_sample, write_tar
 from data_pipeline.image_tokenizer.load import load_image_tokenizer
 from data_pipeline.image_tokenizer.preprocess import (generate_crop_size_list, resize_for_understanding,
                                                       to_pixel_values, var_center_crop)
 from data_pipeline.manifest import build_manifest, index_path, read_index, tar_offsets, write_json_atomic
+from data_pipeline.sources import RawShard, ShardReader, list_raw_shards
 from data_pipeline.text_tokenizer import load_text_tokenizer, text_tokenizer_path, vocab_layout
 
 LAYOUT_VERSION = "llada2-uni-v1"
@@ -76,11 +79,12 @@ class ShardTokenizer:
             img = resize_for_understanding(img, self.icfg.resize_factor, self.icfg.min_pixels, self.icfg.max_pixels)
         return to_pixel_values(img, self.image.mean[0], self.image.std[0])
 
-    def tokenize_shard(self, in_path: Path, out_path: Path) -> dict:
+    def tokenize_shard(self, shard: RawShard, out_path: Path) -> dict:
         t0 = time.time()
         quarantine, parsed, truncated = [], [], ""
         n_inputs = 0
-        for key, members, err in iter_tar_samples(in_path):
+        reader = ShardReader(shard.url)
+        for key, members, err in reader:
             n_inputs += 1
             if err:
                 truncated = err
@@ -90,6 +94,9 @@ class ShardTokenizer:
                 parsed.append(parse_sample(key, members, self.limits))
             except Quarantine as q:
                 quarantine.append({"key": key, "reason": q.reason, "detail": q.detail})
+        if reader.failed:  # the transport, not the data: nothing of this read is kept, the next run retries
+            n_inputs, parsed, truncated = 1, [], ""
+            quarantine = [{"key": "<shard>", "reason": "stream_failed", "detail": f"{shard.url}: {reader.failed}"}]
         # Every image this shard needs, then one batched pass per grid size.
         jobs: list[torch.Tensor] = []
         plan = []
@@ -143,12 +150,14 @@ class ShardTokenizer:
         stats = {"inputs": n_inputs, "ok": len(parsed), "quarantined": len(quarantine),
                  "token_samples": len(out_samples), "text_tokens": tok_text, "image_tokens": tok_img,
                  "images": len(jobs), "tasks": tasks}
-        index = {"input": in_path.name, "input_bytes": in_path.stat().st_size, "fingerprint": self.fingerprint(),
+        # The index does not name the URL: the same bytes give the same token dir over any transport.
+        index = {"input": shard.name, "input_bytes": reader.nbytes, "fingerprint": self.fingerprint(),
                  "stats": stats, "quarantine": quarantine, "truncated": truncated,
+                 **({"failed": reader.failed} if reader.failed else {}),
                  "columns": ["key", "len", "task", "n_image_tokens", "ids_off", "ids_size", "mask_off", "mask_size", "mod_off",
                              "mod_size", "json_off", "json_size"], "samples": samples}
         write_json_atomic(index_path(out_path), index)  # last: its presence marks the shard finished
-        return {**stats, "seconds": time.time() - t0}
+        return {**stats, "seconds": time.time() - t0, "shard": shard.name, "failed": reader.failed}
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
@@ -167,61 +176,71 @@ def _init_worker(dcfg_dict: dict, threads: int, device_queue) -> None:
     _WORKER = ShardTokenizer(DataConfig(**d), device)
 
 
-def _run(job: tuple[str, str]) -> dict:
-    return _WORKER.tokenize_shard(Path(job[0]), Path(job[1]))
+def _run(job: tuple[RawShard, str]) -> dict:
+    return _WORKER.tokenize_shard(job[0], Path(job[1]))
 
 
-def list_raw_shards(dcfg) -> list[Path]:
-    raw = Path(dcfg.raw_dir)
-    return [p for split in ("train", "val") for p in sorted((raw / split).glob("*.tar"))]
-
-
-def _finished(p: Path, o: Path, fp) -> bool:
+def _status(sh: RawShard, o: Path, fp) -> str:
+    """done | failed (transport failed last time: quarantined, retried by the next run) | todo."""
     idx = read_index(o)
-    return bool(idx and idx["fingerprint"] == fp and idx["input_bytes"] == p.stat().st_size and o.exists())
+    if not (idx and idx["fingerprint"] == fp and o.exists()):
+        return "todo"
+    if sh.local and not (Path(sh.local).exists() and idx["input_bytes"] == Path(sh.local).stat().st_size):
+        return "todo"  # a local input changed size; remote ones are trusted by name (no cheap size probe on pipe:)
+    return "failed" if idx.get("failed") else "done"
+
+
+def _report_failed(failed: list[tuple[str, str]]) -> None:
+    if failed:
+        print(f"pretokenize: {len(failed)} shards failed to read (quarantined as stream_failed; rerun to retry): "
+              + "; ".join(f"{n}: {why}" for n, why in failed[:5]))
 
 
 def merge_manifest(dcfg) -> dict:
     out = Path(dcfg.token_dir)
     probe = ShardTokenizer(dcfg)
     fp = probe.fingerprint()
-    missing = [str(p) for p in list_raw_shards(dcfg) if not _finished(p, out / p.parent.name / p.name, fp)]
+    status = {sh: _status(sh, out / sh.split / sh.name, fp) for sh in list_raw_shards(dcfg)}
+    missing = [sh.url for sh, s in status.items() if s == "todo"]
     if missing:
         raise RuntimeError(f"{len(missing)} raw shards have no finished token shard: {missing[:5]}")
+    _report_failed([(sh.name, read_index(out / sh.split / sh.name)["failed"]) for sh, s in status.items()
+                    if s == "failed"])
     vocab = {"image_token_offset": probe.offset, "vocab_size": probe.vocab_size,
              "codebook_size": probe.image.codebook_size, "text_vocab_size": probe.text.vocab_size}
     return build_manifest(out, fp, vocab)
 
 
 def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=None) -> dict:
-    raw, out = Path(dcfg.raw_dir), Path(dcfg.token_dir)
+    out = Path(dcfg.token_dir)
+    ins = list_raw_shards(dcfg)  # a bad URL list fails before the tokenizers load
     probe = ShardTokenizer(dcfg)  # fails fast on missing tokenizers, before any worker starts
     fp = probe.fingerprint()
     jobs, skipped = [], 0
-    ins = list_raw_shards(dcfg)
     if shards is not None:
         ins = ins[shards[0]:shards[1]]
-    for p in ins:
-        o = out / p.parent.name / p.name
+    for sh in ins:
+        o = out / sh.split / sh.name
         o.parent.mkdir(parents=True, exist_ok=True)
-        if _finished(p, o, fp):
+        if _status(sh, o, fp) == "done":
             skipped += 1
             continue
-        jobs.append((str(p), str(o)))
+        jobs.append((sh, str(o)))
     if not jobs and not skipped:
-        raise FileNotFoundError(f"no raw shards under {raw}/train or {raw}/val: run `unidiff data make-sample` "
-                                f"or set data.raw_dir")
+        where = ("data.train_shards / data.val_shards expand to no URL" if dcfg.train_shards or dcfg.val_shards
+                 else f"no raw shards under {dcfg.raw_dir}/train or {dcfg.raw_dir}/val")
+        raise FileNotFoundError(f"{where}: run `unidiff data make-sample`, set data.raw_dir or list shard URLs")
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if workers is None:
         workers = dcfg.pretokenize_workers or (n_gpu or min(os.cpu_count() or 1, max(len(jobs), 1)))
     workers = max(1, min(workers, max(len(jobs), 1)))
     threads = max(1, (os.cpu_count() or 1) // workers) if "OMP_NUM_THREADS" not in os.environ else \
         int(os.environ["OMP_NUM_THREADS"])
-    t0, imgs, toks = time.time(), 0, 0
+    t0, imgs, toks, failed = time.time(), 0, 0, []
     bar = tqdm(total=len(jobs), desc="pretokenize", unit="shard", disable=not progress)
     if workers == 1 and not n_gpu:
         torch.set_num_threads(threads)
-        results = map(probe.tokenize_shard, *zip(*[(Path(a), Path(b)) for a, b in jobs])) if jobs else []
+        results = (probe.tokenize_shard(sh, Path(o)) for sh, o in jobs)
         pool = None
     else:
         ctx = mp.get_context("spawn" if n_gpu else "fork")
@@ -236,6 +255,8 @@ def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=
         for r in results:
             imgs += r["images"]
             toks += r["text_tokens"] + r["image_tokens"]
+            if r["failed"]:
+                failed.append((r["shard"], r["failed"]))
             dt = max(time.time() - t0, 1e-9)
             bar.set_postfix(img_s=f"{imgs / dt:.0f}", tok_s=f"{toks / dt:.0f}")
             bar.update(1)
@@ -244,6 +265,7 @@ def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=
         if pool is not None:
             pool.close()
             pool.join()
+    _report_failed(sorted(failed))
     if shards is not None:
         print(f"pretokenize: shards {shards[0]}:{shards[1]}: {len(jobs)} done, {skipped} skipped")
         return {"shards_done": len(jobs), "shards_skipped": skipped}
