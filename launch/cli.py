@@ -55,7 +55,10 @@ from training.config_errors import ConfigError  # noqa: E402
 def _split(words: list[str]):
     config, overrides, rest = None, [], []
     for w in words:
-        if config is None and w.endswith((".yaml", ".yml")):
+        if w.endswith((".yaml", ".yml")) and "=" not in w:
+            if config is not None:  # load_config reads one file: a second one would be dropped without a word
+                raise ValueError(f"a second config file {w!r} after {config!r}: unidiff reads one CONFIG.yaml; "
+                                 f"compose presets with `defaults: [other.yaml, ...]` inside it")
             config = w
         elif "=" in w and not w.startswith("-"):
             overrides.append(w)
@@ -101,10 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.target == COMMANDS["train"][0]:  # main(["train", ...]) from Python: as early as it can be here
         install_early_signal_handlers()
-    config, overrides, args.positionals = _split(args.words)
+    try:
+        config, overrides, args.positionals = _split(args.words)
+    except ValueError as e:
+        parser.error(str(e))
     args.config, args.overrides = config, overrides
-    if getattr(args, "out", "") is None and args.positionals:  # `data make-sample OUT` style
+    takes_out = getattr(args, "out", "") is None  # `data make-sample OUT` style
+    if takes_out and args.positionals:
         args.out = args.positionals.pop(0)
+    if args.positionals:
+        parser.error(f"unexpected word {args.positionals[0]!r}: after the command come CONFIG.yaml, dotted.key=value "
+                     f"overrides{' and OUT' if takes_out else ''} and the command's --flags")
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:

@@ -49,3 +49,18 @@ def test_hf_import_writes_a_preset_that_builds_the_same_model(tmp_path, tiny_cfg
     (tmp_path / "hf/config.json").write_text(json.dumps(hf))
     r = unidiff("convert", "hf-import", "--src", tmp_path / "hf", "--out", tmp_path / "bad.yaml")
     assert r.returncode == 2 and "does not match config.json" in r.stderr
+
+
+@pytest.mark.parametrize("words, named", [
+    (["model", "info", "configs/model/tiny.yaml", "stray"], "stray"),
+    (["model", "info", "stray", "configs/model/tiny.yaml", "model.num_hidden_layers=3"], "stray"),
+    (["model", "info", "configs/model/tiny.yaml", "configs/model/llada2_mini.yaml"], "configs/model/llada2_mini.yaml"),
+    (["data", "make-sample", "configs/model/tiny.yaml", "{tmp}/out", "extra"], "extra"),
+])
+def test_stray_words_and_a_second_config_are_errors_naming_them(words, named, tmp_path, capsys):
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([w.format(tmp=tmp_path) for w in words])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and named in err, err

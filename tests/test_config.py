@@ -66,3 +66,21 @@ def test_every_shipped_preset_loads():
         else:
             with pytest.raises(ConfigError, match=key):
                 load_config(p)
+
+
+def test_circular_defaults_include_is_an_error_naming_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b.yaml]\ntrain:\n  steps: 3\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\n")
+    (tmp_path / "self.yaml").write_text("defaults: [self.yaml]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "a.yaml")
+    assert "a.yaml -> " in str(e.value) and "b.yaml -> " in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="self.yaml"):
+        load_config(tmp_path / "self.yaml")
+    # Two presets including one shared base (a diamond) is composition, not a circle.
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 7\n")
+    (tmp_path / "x.yaml").write_text("defaults: [base.yaml]\n")
+    (tmp_path / "y.yaml").write_text("defaults: [base.yaml]\ntrain:\n  lr: 0.5\n")
+    (tmp_path / "top.yaml").write_text("defaults: [x.yaml, y.yaml]\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert cfg.train.steps == 7 and cfg.train.lr == 0.5

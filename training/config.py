@@ -244,15 +244,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(OmegaConf.to_object(cfg))
 
 
-def _read_yaml(path: Path):
-    """A preset may list `defaults: [relative/other.yaml, ...]`, merged first (in order), so presets compose."""
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()):
+    """A preset may list `defaults: [relative/other.yaml, ...]`, merged first (in order), so presets compose.
+    `chain` is the include path down to here: a file that includes itself, directly or not, is an error."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"circular `defaults:` include: {' -> '.join(str(p) for p in (*chain, path))}")
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" + (f" (included by {chain[-1]})" if chain else ""))
     node = OmegaConf.load(path)
     includes = node.pop("defaults", []) if "defaults" in node else []
     merged = OmegaConf.create()
     for inc in includes:
-        merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(inc)).resolve()))
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(inc), (*chain, path)))
     return OmegaConf.merge(merged, node)
 
 
