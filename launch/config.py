@@ -7,6 +7,24 @@ from dataclasses import dataclass, field
 
 from training.config_errors import ConfigError
 
+# launch.env names that hold secrets (WANDB_API_KEY, HF_TOKEN, ...): their values go to the ranks through the
+# environment only, and every saved or logged config shows REDACTED instead (training/config.py: redacted).
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSW(OR)?D|CREDENTIAL|AUTH|COOKIE|PRIVATE", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def is_secret(name: str) -> bool:
+    return _SECRET.search(name) is not None
+
+
+def redact_override(word: str) -> str:
+    """A command-line word as it may be shown or passed on: `launch.env.SECRET=v` -> `launch.env.SECRET=<redacted>`."""
+    key, eq, _ = word.partition("=")
+    if eq and key.startswith("launch.env.") and is_secret(key[len("launch.env."):]):
+        return f"{key}={REDACTED}"
+    return word
+
+
 # sbatch --time accepts: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -81,6 +99,19 @@ class LaunchConfig:
              self.intra_node_bytes_per_s, "> 0 (and inter_node_bytes_per_s too)")
         need(re.fullmatch(r"[\w.-]*", self.job_name) is not None, "job_name", self.job_name,
              "letters, digits, '.', '-' and '_'")
+
+    def public_env(self) -> dict[str, str]:
+        """launch.env as it may be written or logged: secret values replaced by REDACTED."""
+        return {k: REDACTED if is_secret(k) else v for k, v in self.env.items()}
+
+    def env_to_set(self) -> dict[str, str]:
+        """launch.env entries to set in the ranks' environment: all but the REDACTED placeholders that a saved
+        config holds for its secrets (the environment's own value stands there)."""
+        return {k: str(v) for k, v in self.env.items() if not (is_secret(k) and v == REDACTED)}
+
+    def secrets(self) -> dict[str, str]:
+        """The secret entries with their values, for the environment of a launcher's child process."""
+        return {k: v for k, v in self.env_to_set().items() if is_secret(k)}
 
     def ranks_per_node(self, visible_gpus: int = 0) -> int:
         """nproc, with 0 resolved: one per requested (SLURM) or visible (local) GPU, else 1."""

@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 
+from launch.config import redact_override
 from launch.layout import check_world
 from launch.registry import check_command
 from training import accelerator
@@ -33,8 +34,9 @@ def torchrun_argv(nproc: int, command: str, words: list[str]) -> list[str]:
 
 
 def rank_env(cfg, nproc: int) -> dict[str, str]:
-    """This environment + launch.env; CPU threads split between the ranks unless OMP_NUM_THREADS is set."""
-    env = {**os.environ, **{k: str(v) for k, v in cfg.launch.env.items()}}
+    """This environment + launch.env (secrets too: the environment is how they reach the ranks); CPU threads split
+    between the ranks unless OMP_NUM_THREADS is set."""
+    env = {**os.environ, **cfg.launch.env_to_set()}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -48,8 +50,10 @@ def cmd_launch_local(cfg, args) -> int:
         raise ConfigError(f"--nproc {nproc} is not allowed: must be >= 0 (0 = one per GPU, or 1)")
     nproc = nproc or _visible_gpus() or 1
     check_world(cfg, 1, nproc, train_batch=command == "train")
-    # The same words the user gave (config + overrides): ranks resolve the config exactly as this process did.
-    words = [w for w in args.words if w.endswith((".yaml", ".yml")) or ("=" in w and not w.startswith("-"))]
+    # The same words the user gave (config + overrides): ranks resolve the config exactly as this process did, but
+    # for secret values, which would show in `ps` and in the line below: the ranks get them from rank_env.
+    words = [redact_override(w) for w in args.words if w.endswith((".yaml", ".yml")) or
+             ("=" in w and not w.startswith("-"))]
     argv = torchrun_argv(nproc, command, words)
     print(f"launch local: {' '.join(shlex.quote(a) for a in argv)}", file=sys.stderr, flush=True)
     if getattr(args, "dry_run", False):

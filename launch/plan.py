@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+from launch.config import redact_override
 from training.config import ConfigError, load_config
 
 GiB = 2**30
@@ -31,7 +32,7 @@ def add_flags(p) -> None:
 
 
 def _overrides(args, engine: str) -> list[str]:
-    words = list(args.overrides)
+    words = [redact_override(w) for w in args.overrides]  # the rehearsal needs no secret on its command line
     # FlexAttention cannot execute on fake tensors in the CPU build (no CPU backward; its fake cuda kernel needs a
     # GPU): the rehearsal runs the dense-SDPA path, whose fused kernel saves the same tensors for the backward.
     return [*words, f"train.engine={engine}", "model.attention=sdpa"]

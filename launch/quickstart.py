@@ -7,10 +7,13 @@ latest checkpoint), so rerunning after an interruption picks up where it stopped
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from launch.config import redact_override
 
 
 def stages(config: str, overrides: list[str], cfg) -> list[tuple[str, list[str]]]:
@@ -28,14 +31,15 @@ def stages(config: str, overrides: list[str], cfg) -> list[tuple[str, list[str]]
     ]
 
 
-def run_stages(todo: list[tuple[str, list[str]]], log_dir: Path) -> list[dict]:
+def run_stages(todo: list[tuple[str, list[str]]], log_dir: Path, secrets: dict[str, str] | None = None) -> list[dict]:
+    """`secrets` (launch.env values the stages' words show redacted) go to each stage through its environment."""
     log_dir.mkdir(parents=True, exist_ok=True)
     done = []
     t_all = time.perf_counter()
     for i, (title, argv) in enumerate(todo, 1):
         print(f"\n[{i}/{len(todo)}] {title}: unidiff {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "launch.cli", *argv])
+        r = subprocess.run([sys.executable, "-m", "launch.cli", *argv], env={**os.environ, **(secrets or {})})
         dt = time.perf_counter() - t0
         done.append({"stage": title, "seconds": round(dt, 1), "rc": r.returncode})
         (log_dir / "stages.json").write_text(json.dumps(done, indent=1))
@@ -77,7 +81,7 @@ def _num(v) -> str:
 
 def cmd_quickstart(cfg, args) -> int:
     config = next((w for w in args.words if w.endswith((".yaml", ".yml"))), None)
-    overrides = [w for w in args.words if "=" in w]
-    done = run_stages(stages(config, overrides, cfg), cfg.run_dir)
+    overrides = [redact_override(w) for w in args.words if "=" in w]
+    done = run_stages(stages(config, overrides, cfg), cfg.run_dir, cfg.launch.secrets())
     print_summary(cfg, done)
     return 0 if done and all(d["rc"] == 0 for d in done) and len(done) == len(stages(config, overrides, cfg)) else 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import re
 import shlex
 import shutil
@@ -20,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.config import LaunchConfig
+from launch.config import REDACTED, LaunchConfig, is_secret, redact_override
 from launch.layout import check_world
 from launch.registry import check_command
 from training.config import ConfigError, save_config
@@ -90,9 +91,18 @@ def _resource_lines(lc: LaunchConfig) -> str:
 
 
 def _env_lines(lc: LaunchConfig) -> str:
+    """launch.env as exports; a secret is exported by name only: its value comes from the environment sbatch runs in
+    (sbatch's default --export=ALL carries it into the job), so no script on disk holds it."""
     if not lc.env:
         return "# (no launch.env / --env entries)"
-    return "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in sorted(lc.env.items()))
+    lines = []
+    for k, v in sorted(lc.env.items()):
+        if is_secret(k):
+            lines += [f': "${{{k}:?launch.env.{k} is a secret, passed only through the environment of sbatch, which '
+                      f'lacked it}}"', f"export {k}"]
+        else:
+            lines.append(f"export {k}={shlex.quote(str(v))}")
+    return "\n".join(lines)
 
 
 def _header(kind: str, argv_text: str) -> str:
@@ -181,23 +191,24 @@ def check_not_running(slurm_dir: Path) -> None:
                           f"first, or choose another run.name")
 
 
-def submit(script: Path, extra: list[str] | None = None) -> str:
-    """sbatch the script; returns the job id."""
+def submit(script: Path, extra: list[str] | None = None, secrets: dict[str, str] | None = None) -> str:
+    """sbatch the script, with `secrets` added to its environment (the job inherits them); returns the job id."""
     r = subprocess.run([_tool("sbatch"), "--parsable", *(extra or []), str(script)], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env={**os.environ, **(secrets or {})})
     if r.returncode != 0:
         raise LaunchError(f"sbatch {script} failed (rc={r.returncode}): {r.stderr.strip()}")
     return r.stdout.strip().split(";")[0]
 
 
 def _argv_text(args) -> str:
-    words = ["unidiff", "launch", "slurm", *getattr(args, "words", [])]
+    words = ["unidiff", "launch", "slurm", *map(redact_override, getattr(args, "words", []))]
     for a in (*FLAG_FIELDS, "command"):
         v = getattr(args, a, None)
         if v is not None and not (a == "command" and v == "train"):
             words += [f"--{a.replace('_', '-')}", str(v)]
     for kv in getattr(args, "env", None) or []:
-        words += ["--env", kv]
+        k = kv.split("=", 1)[0]
+        words += ["--env", f"{k}={REDACTED}" if is_secret(k) else kv]
     words += ["--array"] if getattr(args, "array", False) else []
     return " ".join(shlex.quote(w) for w in words)
 
@@ -225,7 +236,7 @@ def launch_slurm(cfg, args, rank_command: str | None = None) -> list[str]:
         return []
     _prepare_submission(cfg, lc, slurm_dir, config_snapshot)
     script_path.write_text(text)
-    job = submit(script_path)
+    job = submit(script_path, secrets=lc.secrets())
     with open(slurm_dir / "jobs.txt", "a") as f:
         f.write(job + "\n")
     print(f"submitted job {job}: {lc.nodes} node(s) x {lc.ranks_per_node()} rank(s) of `unidiff {command}`; "
@@ -262,8 +273,8 @@ def _launch_array(cfg, args, lc, slurm_dir: Path, workdir: Path, config_snapshot
     _prepare_submission(cfg, lc, slurm_dir, config_snapshot)
     array_path.write_text(array)
     merge_path.write_text(merge)
-    array_job = submit(array_path)
-    merge_job = submit(merge_path, [f"--dependency=afterok:{array_job}", "--kill-on-invalid-dep=yes"])
+    array_job = submit(array_path, secrets=lc.secrets())
+    merge_job = submit(merge_path, [f"--dependency=afterok:{array_job}", "--kill-on-invalid-dep=yes"], lc.secrets())
     with open(slurm_dir / "jobs.txt", "a") as f:
         f.write(f"{array_job}\n{merge_job}\n")
     print(f"submitted pretokenize array job {array_job} ({tasks} task(s) over {len(shards)} raw shard(s)) and "

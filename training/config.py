@@ -260,15 +260,22 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()):
     return OmegaConf.merge(merged, node)
 
 
+def redacted(cfg: Config) -> Config:
+    """cfg as it may be written or logged: secret-looking launch.env values (launch/config.py: is_secret) replaced."""
+    return dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, env=cfg.launch.public_env()))
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.structured(redacted(cfg)))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """The resolved config, saved in every run dir."""
+    """The resolved config, saved in every run dir (secrets redacted)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
 
 
 def to_dict(cfg: Any) -> dict:
+    """A JSON-able copy for trackers (secrets redacted)."""
+    cfg = redacted(cfg) if isinstance(cfg, Config) else cfg
     return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), default=str))
