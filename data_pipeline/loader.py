@@ -113,13 +113,15 @@ def epoch_order(sizes: list[int], weights: list[float], seed: int, epoch: int) -
 class _EpochBatches(Dataset):
     """Map-style view of one epoch for one rank: item k = this rank's k-th micro batch (built in a worker)."""
 
-    def __init__(self, sources, src, idx, rows, B, dp_rank, dp_size, seq_len, block_size, pad_id, offset):
+    def __init__(self, sources, src, idx, rows, B, dp_rank, dp_size, seq_len, block_size, pad_id, offset, G):
         self.sources, self.src, self.idx, self.rows = sources, src, idx, rows
-        self.B, self.dp_rank, self.dp_size = B, dp_rank, dp_size
+        self.B, self.dp_rank, self.dp_size, self.G = B, dp_rank, dp_size, G
         self.seq_len, self.block_size, self.pad_id, self.offset = seq_len, block_size, pad_id, offset
 
     def __len__(self) -> int:
-        return len(self.rows) // (self.B * self.dp_size)
+        # whole global batches only: the epoch ends at the same row for every (dp size, micro batch) of one
+        # global batch size, so an elastic resume keeps the global order
+        return len(self.rows) // self.G * (self.G // (self.B * self.dp_size))
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         first = (k * self.dp_size + self.dp_rank) * self.B
@@ -139,11 +141,44 @@ class _EpochBatches(Dataset):
         return {k: torch.from_numpy(np.stack(v)) for k, v in out.items()}
 
 
-class TokenLoader:
-    def __init__(self, dcfg, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 block_size: int | None = None):
+class _Cursor:
+    """Where a loader is: (epoch, micro batches this rank has yielded in it). Saved with the count of *global* rows
+    consumed, so a resume with another data-parallel size or micro batch (same global batch) continues the same
+    global sample order: row j of an epoch is micro batch j // (B * dp) of rank (j // B) % dp on any layout."""
+
+    def _cursor_init(self, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, seq_len: int,
+                     global_batch_size: int | None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        self.seq_len, self.B, self.dp_rank, self.dp_size, self.seed = seq_len, micro_batch_size, dp_rank, dp_size, seed
+        self.G = global_batch_size or micro_batch_size * dp_size
+        if self.G % (self.B * dp_size):
+            raise ValueError(f"global batch {self.G} is not a multiple of micro_batch_size x dp_size = "
+                             f"{self.B} x {dp_size}")
+        self.epoch, self.batch = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "rows": self.batch * self.B * self.dp_size,
+                "seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "seq_len": self.seq_len,
+                "micro_batch_size": self.B, "global_batch_size": self.G}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in ("seed", "seq_len", "global_batch_size"):
+            mine = getattr(self, {"global_batch_size": "G"}.get(k, k))
+            if k in sd and sd[k] != mine:
+                raise ValueError(f"loader state has {k}={sd[k]} but this loader has {mine}; a resume needs the same "
+                                 f"seed, seq_len and global batch size (the data-parallel size may change)")
+        rows = int(sd.get("rows", int(sd["batch"]) * sd.get("micro_batch_size", self.B) * sd.get("dp_size", 1)))
+        if rows % (self.B * self.dp_size):
+            raise ValueError(f"loader state is {rows} rows into epoch {sd['epoch']}, not a whole number of "
+                             f"micro_batch_size x dp_size = {self.B} x {self.dp_size} micro batches")
+        self.epoch, self.batch = int(sd["epoch"]), rows // (self.B * self.dp_size)
+
+
+class TokenLoader(_Cursor):
+    def __init__(self, dcfg, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 block_size: int | None = None, global_batch_size: int | None = None):
+        self._cursor_init(micro_batch_size, dp_rank, dp_size, seed, seq_len, global_batch_size)
         self.sources_w = resolve_sources(dcfg)
         self.sources = [s for s, _ in self.sources_w]
         vocabs = {tuple(sorted(s.vocab.items())) for s in self.sources}
@@ -154,11 +189,9 @@ class TokenLoader:
         from data_pipeline.pretokenize import text_tokenizer_path
         from data_pipeline.text_tokenizer import load_text_tokenizer
         self.pad_id = SpecialTokens.from_tokenizer(load_text_tokenizer(text_tokenizer_path(dcfg))).pad
-        self.seq_len, self.B, self.dp_rank, self.dp_size, self.seed = seq_len, micro_batch_size, dp_rank, dp_size, seed
         self.block_size = block_size if (block_size and dcfg.pad_to_block) else None
         self.drop_too_long = dcfg.drop_too_long
         self.num_workers = dcfg.num_workers
-        self.epoch, self.batch = 0, 0
         self.stats: dict = {}
         self._plan_cache: tuple | None = None
 
@@ -176,7 +209,7 @@ class TokenLoader:
                              f"cut (they hold an image or a prompt/answer pair): raise train.seq_len or set "
                              f"data.drop_too_long=true")
         ds = _EpochBatches(self.sources, src, idx, plan.rows, self.B, self.dp_rank, self.dp_size, self.seq_len,
-                           self.block_size, self.pad_id, self.vocab["image_token_offset"])
+                           self.block_size, self.pad_id, self.vocab["image_token_offset"], self.G)
         self.stats = {"epoch": epoch, "documents": len(src), "rows": len(plan.rows), "batches": len(ds),
                       "dropped_too_long": len(plan.dropped), "padding_fraction":
                       plan.padding / max(len(plan.rows) * self.seq_len, 1),
@@ -204,34 +237,23 @@ class TokenLoader:
                 yield b
             self.epoch, self.batch = self.epoch + 1, 0
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "dp_rank": self.dp_rank,
-                "dp_size": self.dp_size, "seq_len": self.seq_len, "micro_batch_size": self.B}
 
-    def load_state_dict(self, sd: dict) -> None:
-        for k in ("seed", "dp_size", "seq_len", "micro_batch_size"):
-            if sd[k] != getattr(self, {"micro_batch_size": "B"}.get(k, k)):
-                raise ValueError(f"loader state has {k}={sd[k]} but this loader has {getattr(self, k, self.B)}; "
-                                 f"an exact resume needs the same seed, dp size, seq_len and micro batch size")
-        self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])
-
-
-class SyntheticLoader:
+class SyntheticLoader(_Cursor):
     """Seeded random-but-learnable token data with the loader's batch schema (no shards needed).
 
     Documents: text "copy" tasks (prompt of random text ids, answer = the prompt reversed + EOS) and "image" tasks
-    (prompt = one class id, answer = that class's fixed 16-token image pattern); answers are maskable. Batch k of
-    rank r is a pure function of (seed, epoch, dp_rank, k), so it resumes exactly like the token loader.
+    (prompt = one class id, answer = that class's fixed 16-token image pattern); answers are maskable. Global row j
+    of an epoch is a pure function of (seed, epoch, j) and is laid out over ranks like the token loader's rows, so it
+    resumes (elastically too) exactly like the token loader.
     """
 
-    batches_per_epoch = 1000
+    rows_per_epoch = 1 << 16
 
     def __init__(self, seq_len, micro_batch_size, dp_rank, dp_size, seed, vocab_size, image_token_offset,
-                 block_size=None):
-        self.seq_len, self.B, self.dp_rank, self.dp_size, self.seed = seq_len, micro_batch_size, dp_rank, dp_size, seed
+                 block_size=None, global_batch_size=None):
+        self._cursor_init(micro_batch_size, dp_rank, dp_size, seed, seq_len, global_batch_size)
         self.V, self.offset, self.block_size = vocab_size, image_token_offset, block_size
         self.eos = 0
-        self.epoch, self.batch = 0, 0
 
     def _doc(self, rng: np.random.Generator):
         text_hi = max(self.offset - 2, 8)  # offset-1 / offset-2 are synthetic mask / <uncondition> (specials_for)
@@ -248,7 +270,7 @@ class SyntheticLoader:
     def make_batch(self, epoch: int, k: int) -> dict[str, torch.Tensor]:
         rows = {}
         for b in range(self.B):
-            rng = np.random.default_rng([self.seed, epoch, self.dp_rank, k, b])
+            rng = np.random.default_rng([self.seed, epoch, (k * self.dp_size + self.dp_rank) * self.B + b])
             pieces, fill = [], 0
             while True:
                 ids, m, img = self._doc(rng)
@@ -264,25 +286,19 @@ class SyntheticLoader:
         return {k2: torch.from_numpy(np.stack(v)) for k2, v in rows.items()}
 
     def __len__(self):
-        return self.batches_per_epoch
+        return self.rows_per_epoch // self.G * (self.G // (self.B * self.dp_size))
 
     def __iter__(self):
         while True:
-            while self.batch < self.batches_per_epoch:
+            while self.batch < len(self):
                 k = self.batch
                 self.batch += 1
                 yield self.make_batch(self.epoch, k)
             self.epoch, self.batch = self.epoch + 1, 0
 
-    def state_dict(self):
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "synthetic": True}
-
-    def load_state_dict(self, sd):
-        self.epoch, self.batch = int(sd["epoch"]), int(sd["batch"])
-
 
 def build_loader(cfg_data, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 block_size: int | None = None):
+                 block_size: int | None = None, global_batch_size: int | None = None):
     """cfg_data: the `data` section (or the root Config: then synthetic mode takes the vocab from `model`)."""
     root = cfg_data if hasattr(cfg_data, "data") else None
     dcfg = root.data if root is not None else cfg_data
@@ -292,5 +308,6 @@ def build_loader(cfg_data, seq_len: int, micro_batch_size: int, dp_rank: int, dp
         else:
             V = dcfg.synthetic_vocab_size
             off = min(2048, V)
-        return SyntheticLoader(seq_len, micro_batch_size, dp_rank, dp_size, seed, V, off, block_size)
-    return TokenLoader(dcfg, seq_len, micro_batch_size, dp_rank, dp_size, seed, block_size)
+        return SyntheticLoader(seq_len, micro_batch_size, dp_rank, dp_size, seed, V, off, block_size,
+                               global_batch_size)
+    return TokenLoader(dcfg, seq_len, micro_batch_size, dp_rank, dp_size, seed, block_size, global_batch_size)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -177,9 +178,9 @@ def training_figures(ctx: EvalContext, out_dir: Path) -> dict[str, str]:
     p = loss_curves({k: v for k, v in series.items() if v}, out_dir / "loss_curves.png")
     if p:
         figs["loss curves (metrics.jsonl)"] = p.name
-    train_loads = run_dir / "expert_load_last.pt"
+    train_loads = run_dir / "expert_load_last.json"
     if train_loads.exists():
-        p = expert_heatmap(torch.load(train_loads), out_dir / "expert_load_train.png",
+        p = expert_heatmap([torch.tensor(l) for l in json.loads(train_loads.read_text())], out_dir / "expert_load_train.png",
                            "expert load, last training step")
         if p:
             figs["expert load (training)"] = p.name

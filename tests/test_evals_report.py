@@ -21,7 +21,7 @@ def test_report_files_exist_and_parse(tmp_path_factory, tmp_path):
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 5.0 / (s + 1), "loss_text": 4.0})
                                                      for s in range(5)))
-    torch.save([torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0, 4.0, 1.0, 3.0])] * 2, run_dir / "expert_load_last.pt")
+    (run_dir / "expert_load_last.json").write_text(json.dumps([[3.0, 1.0, 2.0, 2.0, 0.0, 4.0, 1.0, 3.0]] * 2))
     ctx = fx.context(tmp, fx.oracle_model(tmp, ho), ho, decoders={"teacher": fx.oracle_decoder(ho)},
                      elbo_mc=2, choice_mc=4, speed_repeats=1, speed_gen_length=32)
     ctx.cfg.run.dir, ctx.cfg.run.name = str(tmp_path), "run"

@@ -174,7 +174,8 @@ def train(cfg: Config) -> dict:
 
     accum = engine.global_batch_accum()  # micro-batches per optimizer step on each rank
     loader = build_loader(cfg, seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                          dp_rank=w.dp_rank, dp_size=w.dp_size, seed=cfg.train.seed)
+                          dp_rank=w.dp_rank, dp_size=w.dp_size, seed=cfg.train.seed,
+                          global_batch_size=cfg.train.global_batch_size)
     batches = iter(loader)
 
     ckpts = CheckpointManager(run_dir, keep_last=cfg.train.keep_last)
@@ -187,7 +188,9 @@ def train(cfg: Config) -> dict:
         # the guard's counters are part of the run: a requeued job must still reach max_consecutive_nonfinite
         nonfinite_run, skipped_total = int(extra.get("nonfinite_run", 0)), int(extra.get("skipped_total", 0))
         start = int(extra["step"])
-        loader.load_state_dict(extra["loader"][str(w.dp_rank)] if "loader" in extra else {})
+        if "loader" in extra:  # every saved cursor counts the same global rows: another dp size reads any of them
+            cursors = extra["loader"]
+            loader.load_state_dict(cursors.get(str(w.dp_rank), next(iter(cursors.values()))))
         batches = iter(loader)
         if str(w.rank) in extra.get("rng", {}):
             _set_rng_state(extra["rng"][str(w.rank)])
