@@ -254,14 +254,15 @@ def final_records(run_dir: Path) -> dict[int, dict]:
     return out
 
 
-def compare_metrics(ref_dir: Path, got_dir: Path, steps: int) -> list[str]:
-    """Differences between the final per-step records of two runs: every step 0..steps-1 must be there, with every
-    metric but the wall-clock ones exactly equal (loss, grad norm, per-task losses, lr, block size, router stats)."""
+def compare_metrics(ref_dir: Path, got_dir: Path, steps: int, first: int = 0) -> list[str]:
+    """Differences between the final per-step records of two runs: every step first..first+steps-1 must be there
+    (the decoder stages log steps from 1), with every metric but the wall-clock ones exactly equal (loss, grad
+    norm, per-task losses, lr, block size, router stats)."""
     ref, got = final_records(ref_dir), final_records(got_dir)
     problems = []
     for name, recs in (("uninterrupted", ref), ("killed", got)):
-        if sorted(recs) != list(range(steps)):
-            problems.append(f"{name} run logged steps {sorted(recs)}, want 0..{steps - 1}")
+        if sorted(recs) != list(range(first, first + steps)):
+            problems.append(f"{name} run logged steps {sorted(recs)}, want {first}..{first + steps - 1}")
     for s in sorted(set(ref) & set(got)):
         a, b = ({k: v for k, v in r.items() if k not in VOLATILE} for r in (ref[s], got[s]))
         diff = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}

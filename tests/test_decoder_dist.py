@@ -44,3 +44,37 @@ def test_deepspeed_two_ranks_end_identical(tmp_path, zero):
     assert step == 3
     changed = [k for k in a if not torch.equal(state["model"][k], a[k])]
     assert not changed, changed[:3]  # rank 0's checkpoint holds the trained weights
+
+
+def _resume_worker(rank: int, world: int, run_dir: str, name: str) -> None:
+    from training.config import load_config
+    from training.decoder.train import train_decoder
+
+    cfg = load_config(None, TINY + [f"run.dir={run_dir}", f"run.name={name}", "decoder.zero_stage=2",
+                                    "decoder.train_steps=4", "decoder.save_every=2", "decoder.keep_last=0"])
+    train_decoder(cfg, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(400)
+def test_deepspeed_resume_from_a_periodic_checkpoint_is_exact(tmp_path):
+    """ZeRO-2 on 2 ranks: resumed from the step-2 checkpoint of a 4-step run, the step-4 checkpoint is the
+    uninterrupted one file by file (each rank's ZeRO partition of the AdamW moments, ZeRO's fp32 master slice
+    refreshed from the loaded weights, the LR schedule, each rank's generator and data position)."""
+    import json
+    import shutil
+
+    runs = tmp_path / "runs"
+    run_distributed(_resume_worker, 2, str(runs), "whole", start_method="spawn", timeout=380,
+                    env={"DS_ACCELERATOR": "cpu"})
+    whole, again = runs / "whole" / "decoder" / "checkpoints", runs / "again" / "decoder" / "checkpoints"
+    again.mkdir(parents=True)
+    shutil.copytree(whole / "step_000002", again / "step_000002")
+    (again / "latest").write_text("step_000002\n")
+    run_distributed(_resume_worker, 2, str(runs), "again", start_method="spawn", timeout=380,
+                    env={"DS_ACCELERATOR": "cpu"})
+
+    def hashes(d):
+        return {k: v["sha256"] for k, v in json.loads((d / "manifest.json").read_text())["files"].items()}
+
+    assert hashes(again / "step_000004") == hashes(whole / "step_000004")

@@ -86,13 +86,14 @@ def test_checkpoint_round_trip_and_latest(tmp_path):
                            "meta": decoder_meta(m.cfg, "turbo", 4)}, keep_last=2)
     for s in (6, 7):
         checkpoint.save(d, s, {"model": m.state_dict(), "meta": decoder_meta(m.cfg, "turbo", 4)}, keep_last=2)
-    assert not (d / "step_5").exists() and (d / "latest").read_text() == "step_7"
-    (d / ".tmp_step_8_1").mkdir()  # a crash mid-save leaves a temp dir: ignored
+    assert not (d / "step_000005").exists() and (d / "latest").read_text().strip() == "step_000007"
+    assert (d / "step_000007" / "manifest.json").exists()  # the one CheckpointManager: hashed, atomic
+    (d / ".tmp_step_000008").mkdir()  # a crash mid-save leaves a temp dir: ignored
     step, state = checkpoint.load_latest(d)
     assert step == 7
     for k, v in m.state_dict().items():
         assert torch.equal(state["model"][k], v)
-    (d / "latest").write_text("step_99")  # a dangling pointer falls back to the newest complete step
+    (d / "latest").write_text("step_000099")  # a dangling pointer falls back to the newest complete step
     assert checkpoint.load_latest(d)[0] == 7
     # a checkpoint dir decodes to the same images as the in-memory model (same sampler and noise)
     checkpoint.save(d, 8, {"model": m.state_dict(), "ema": m.state_dict(), "meta": decoder_meta(m.cfg, "turbo", 4)})

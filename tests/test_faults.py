@@ -153,3 +153,56 @@ def test_usr1_during_startup_imports_saves_after_one_step_and_the_rerun_resumes(
     assert ref.returncode == 0, ref.stderr
     problems = compare_metrics(tmp_path / "whole", tmp_path / "sig", 4)
     assert not problems, "\n".join(problems)
+
+
+# ---- the decoder stages: train-decoder and distill ---------------------------------------------------------------
+DECODER_CFG = ROOT / "configs/decoder/toy.yaml"
+DECODER = ["decoder.image_size=16", "decoder.token_grid=2", "decoder.patch_size=4", "decoder.dim=32",
+           "decoder.n_heads=2", "decoder.axes_dims=[4,6,6]", "decoder.n_layers=1", "decoder.cap_feat_dim=16",
+           "decoder.t_mid_dim=32", "decoder.codebook_size=10", "decoder.batch_size=4", "decoder.warmup_steps=2",
+           "decoder.save_every=2", "decoder.keep_last=2", "decoder.log_every=1", "tracking.wandb=disabled"]
+
+
+def _stage_kill_and_compare(tmp_path, stage: str, words: list[str], *, out: str, seed: int, kills: int, steps: int,
+                            timeout_s: float):
+    """`unidiff STAGE` killed at seeded moments and rerun == uninterrupted: per-step metrics (logged from step 1)
+    and the final checkpoint (weights, EMA, optimizer, RNG state), file by file."""
+    def command(name):
+        argv = [sys.executable, "-m", "launch.cli", stage, str(DECODER_CFG), *words, f"run.dir={tmp_path}",
+                f"run.name={name}"]
+        return Command(argv, tmp_path / name / out, ROOT, _env())
+
+    ref, got = command("whole"), command("killed")
+    seed = int(SEED) if SEED else seed
+    report = run_with_kills(got, seed=seed, kills=kills, steps=steps, save_every=2,
+                            timings=run_uninterrupted(ref, timeout_s=timeout_s), timeout_s=timeout_s)
+    why = report.describe()
+    assert not report.completed_early and len(report.kills) >= kills, why
+    problems = compare_metrics(ref.run_dir, got.run_dir, steps, first=1)
+    assert not problems, "\n".join(problems[:20]) + "\n" + why
+    final = f"checkpoints/step_{steps:06d}"
+    assert checkpoint_hashes(got.run_dir / final) == checkpoint_hashes(ref.run_dir / final), why
+    return report
+
+
+def test_train_decoder_survives_kills(tmp_path):
+    kills, steps = _scaled(10, 14)
+    _stage_kill_and_compare(tmp_path, "train-decoder", [*DECODER, f"decoder.train_steps={steps}"], out="decoder",
+                            seed=4407, kills=kills, steps=steps, timeout_s=120)
+
+
+@pytest.mark.parametrize("method", ["trajectory_distillation", "consistency_training"])
+def test_distill_survives_kills(tmp_path, method):
+    """The student's stage: the trajectory pool is rebuilt the same way on every rerun (seeded), the consistency
+    method continues the data order; both from one teacher trained once."""
+    teacher = tmp_path / "teacher"
+    from training.config import load_config
+    from training.decoder.train import train_decoder
+    train_decoder(load_config(DECODER_CFG, [*DECODER, "decoder.train_steps=2", f"run.dir={tmp_path}",
+                                            "run.name=teacher"]), progress=False)
+    kills, steps = _scaled(10, 14) if method == "trajectory_distillation" else _scaled(4, 10)
+    words = [*DECODER, f"distill.teacher={teacher / 'decoder' / 'checkpoints'}", f"distill.method={method}",
+             "distill.steps=2", "distill.batch_size=4", "distill.pool_size=8", f"distill.train_steps={steps}",
+             "distill.save_every=2", "distill.keep_last=2", "distill.log_every=1"]
+    _stage_kill_and_compare(tmp_path, "distill", words, out="distill", seed=5501, kills=kills, steps=steps,
+                            timeout_s=120)

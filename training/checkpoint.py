@@ -50,14 +50,14 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _dist() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _barrier() -> None:
-    if _dist()[1] > 1:
+    if rank_world()[1] > 1:
         dist.barrier()
 
 
@@ -88,7 +88,7 @@ def _verify_everywhere(ckpt: Path, hashes: bool) -> str | None:
     """Collective when distributed: every rank verifies its part, and all ranks get the same answer (the first
     problem found, naming the rank that saw it), so ranks with different filesystem views cannot resume from
     different checkpoints."""
-    rank, world = _dist()
+    rank, world = rank_world()
     problem = verify(ckpt, hashes, rank, world)
     if world == 1:
         return problem
@@ -99,7 +99,7 @@ def _verify_everywhere(ckpt: Path, hashes: bool) -> str | None:
 
 def _rank0_list(items: list) -> list:
     """Rank 0's list on every rank (so all ranks verify the same candidates in the same order)."""
-    if _dist()[1] == 1:
+    if rank_world()[1] == 1:
         return items
     box = [items]
     dist.broadcast_object_list(box, src=0)
@@ -107,8 +107,13 @@ def _rank0_list(items: list) -> list:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep_last: int = 3, verify_hashes: bool = True):
-        self.root = Path(run_dir) / "checkpoints"
+    """Every stage's checkpoints (backbone, decoder, distill). `save(writer, step, extra)` is collective; `writer`
+    is anything with `.save(tmp_dir, extra)` that writes this rank's files (an engine, or a stage's state writer).
+    root: `<run_dir>/checkpoints`, or given directly (a stage's own `<run>/<stage>/checkpoints`)."""
+
+    def __init__(self, run_dir: Path | None = None, keep_last: int = 3, verify_hashes: bool = True,
+                 root: Path | None = None):
+        self.root = Path(root) if root is not None else Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.verify_hashes = verify_hashes
 
@@ -123,9 +128,9 @@ class CheckpointManager:
         return sorted(out)
 
     def save(self, engine, step: int, extra: dict) -> Path:
-        """Collective over all ranks. Returns the final checkpoint path."""
+        """Collective over all ranks (`engine`: the writer). Returns the final checkpoint path."""
         t0 = time.time()
-        rank, world = _dist()
+        rank, world = rank_world()
         final = self.root / self.step_dir_name(step)
         tmp = self.root / f".tmp_{self.step_dir_name(step)}"
         if rank == 0:
@@ -185,22 +190,25 @@ class CheckpointManager:
             if p.name != latest:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def latest_valid(self) -> Path | None:
+    def latest_valid(self, collective: bool = True) -> Path | None:
         """The checkpoint named by `latest` if it verifies, else the newest one that does (with a warning).
         Collective when distributed: every rank calls it, verifies rank 0's candidates (by name, under its own
-        root) in order, and all agree on the answer (`_verify_everywhere`)."""
+        root) in order, and all agree on the answer (`_verify_everywhere`). collective=False: this process alone
+        (a reader that only some ranks run, e.g. loading a decoder to evaluate)."""
         pointer = self.root / "latest"
         named = pointer.read_text().strip() if pointer.is_file() else None
-        named, *older = _rank0_list([named] + [p.name for _, p in reversed(self._checkpoints())])
+        candidates = [named] + [p.name for _, p in reversed(self._checkpoints())]
+        named, *older = _rank0_list(candidates) if collective else candidates
+        check = _verify_everywhere if collective else verify
         if named is not None:
-            problem = _verify_everywhere(self.root / named, self.verify_hashes)
+            problem = check(self.root / named, self.verify_hashes)
             if problem is None:
                 return self.root / named
             log.warning("latest checkpoint is not usable: %s; falling back to the newest valid one", problem)
         for name in older:
             if name == named:
                 continue
-            problem = _verify_everywhere(self.root / name, self.verify_hashes)
+            problem = check(self.root / name, self.verify_hashes)
             if problem is None:
                 if named is not None:
                     log.warning("resuming from %s instead", self.root / name)

@@ -57,6 +57,10 @@ def _decode(obj, tensors: dict):
     return {k: _decode(v, tensors) for k, v in obj.items()}
 
 
+def _file(stem: Path, ext: str) -> Path:
+    return stem.with_name(stem.name + ext)  # not with_suffix: a stem may contain dots
+
+
 def write_state(stem: Path, obj) -> list[Path]:
     """Writes <stem>.json (+ <stem>.safetensors), fsynced; returns the paths written."""
     stem = Path(stem)
@@ -65,21 +69,21 @@ def write_state(stem: Path, obj) -> list[Path]:
     tree = _encode(obj, tensors)
     paths = []
     if tensors:
-        save_file(tensors, str(stem.with_suffix(".safetensors")))
-        paths.append(stem.with_suffix(".safetensors"))
-    with open(stem.with_suffix(".json"), "w") as f:
+        paths.append(_file(stem, ".safetensors"))
+        save_file(tensors, str(paths[-1]))
+    with open(_file(stem, ".json"), "w") as f:
         json.dump(tree, f)
         f.flush()
         os.fsync(f.fileno())
-    return paths + [stem.with_suffix(".json")]
+    return paths + [_file(stem, ".json")]
 
 
 def read_state(stem: Path):
     stem = Path(stem)
-    st = stem.with_suffix(".safetensors")
+    st = _file(stem, ".safetensors")
     tensors = load_file(str(st)) if st.exists() else {}
-    return _decode(json.loads(stem.with_suffix(".json").read_text()), tensors)
+    return _decode(json.loads(_file(stem, ".json").read_text()), tensors)
 
 
 def state_exists(stem: Path) -> bool:
-    return Path(stem).with_suffix(".json").is_file()
+    return _file(Path(stem), ".json").is_file()

@@ -146,9 +146,12 @@ class DistillConfig:
     loss: str = "pseudo_huber"  # l2 | pseudo_huber (c = 0.00054 * sqrt(dim), iCT)
     seed: int = 4321
     save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto (latest valid in run_dir/distill/checkpoints) | none
     log_every: int = 10
 
     def validate(self, root) -> None:
+        _check(self.resume in ("auto", "none"), "distill.resume", self.resume, "auto | none")
         _check(self.method in METHODS, "distill.method", self.method, " | ".join(METHODS))
         _check(self.pool_size >= 1, "distill.pool_size", self.pool_size, ">= 1")
         _check(self.steps in (1, 2, 4, 8, 16), "distill.steps", self.steps, "1 | 2 | 4 | 8 | 16")

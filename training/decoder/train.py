@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import itertools
 import json
 import math
 import os
@@ -113,14 +114,28 @@ class _Stepper:
         return self.opt.param_groups[0]["lr"]
 
     def optimizer_state(self):
-        # ZeRO shards the Adam moments across ranks; a DeepSpeed resume restarts them (weights, EMA, step resume).
+        """Replicated optimizer + scheduler state (native), or None: ZeRO shards the moments, so each rank
+        saves its own partition through `rank_optimizer_state` instead."""
         if self.engine_name == "deepspeed":
             return None
         return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
 
-    def load_optimizer_state(self, state) -> None:
-        if state is not None and self.engine_name != "deepspeed":
-            self.opt.load_state_dict(state["optimizer"])
+    def rank_optimizer_state(self):
+        """DeepSpeed: this rank's ZeRO partition of the AdamW state (the torch optimizer over its fp32 slice)."""
+        if self.engine_name != "deepspeed":
+            return None
+        return {"optimizer": self.opt.optimizer.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_optimizer_state(self, state, rank_state=None) -> None:
+        """Call after the module's weights were loaded."""
+        if self.engine_name == "deepspeed":
+            # ZeRO steps its own fp32 master slice and copies it into the module: refresh it from the loaded weights
+            self.opt.refresh_fp32_params()
+            state, opt = rank_state, self.opt.optimizer
+        else:
+            opt = self.opt
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
 
 
@@ -158,20 +173,25 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
     module = stepper.module
     ema = EMA(module, d.ema_decay)
     start = 0
-    found = checkpoint.load_latest(ckpt_dir) if d.resume == "auto" else None
+    gen = torch.Generator().manual_seed(d.seed * 1000 + rank)
+    found = checkpoint.load_latest(ckpt_dir, collective=True) if d.resume == "auto" else None
     if found is not None:
         start, state = found
         module.load_state_dict(state["model"])
         ema.shadow = {k: v.float() for k, v in state["ema"].items()}
-        stepper.load_optimizer_state(state.get("optimizer"))
-        if stepper.engine_name == "deepspeed":  # DeepSpeed's scheduler is not restored: fast-forward it
-            for _ in range(start):
+        mine = state.get("per_rank") or {}
+        stepper.load_optimizer_state(state.get("optimizer"), mine.get("optimizer"))
+        if "generator" in mine:  # the exact stream of the uninterrupted run (t, noise, condition dropout)
+            gen.set_state(mine["generator"])
+        if stepper.engine_name == "deepspeed" and mine.get("optimizer") is None:
+            for _ in range(start):  # a checkpoint without this rank's optimizer state: the schedule still resumes
                 stepper.sched.step()
     if log is None and rank == 0:
         log = jsonl_logger(out / "metrics.jsonl")
     latent = build_latent(d)
-    gen = torch.Generator().manual_seed(d.seed * 1000 + rank + start)
-    data = batches(decoder_pairs(d, "train", rank, world, cfg.data), d.batch_size)
+    # the pairs a resumed run has already trained on are skipped: it continues the uninterrupted data order
+    data = batches(itertools.islice(decoder_pairs(d, "train", rank, world, cfg.data), start * d.batch_size, None),
+                   d.batch_size)
     module.train()
     bar = tqdm(range(start, d.train_steps), desc="train-decoder", disable=not progress or rank != 0,
                initial=start, total=d.train_steps)
@@ -186,10 +206,11 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
             log(step + 1, {"decoder/loss": loss_v, "decoder/lr": stepper.lr(), "decoder/grad_norm": gnorm})
         bar.set_postfix(loss=f"{loss_v:.4f}")
         last = step + 1 == d.train_steps
-        if rank == 0 and (last or (d.save_every and (step + 1) % d.save_every == 0)):
-            checkpoint.save(ckpt_dir, step + 1, {"model": module.state_dict(), "ema": ema.shadow,
-                                                 "optimizer": stepper.optimizer_state(),
-                                                 "meta": decoder_meta(d, "euler", d.steps)}, keep_last=d.keep_last)
+        if last or (d.save_every and (step + 1) % d.save_every == 0):  # collective
+            checkpoint.save(ckpt_dir, step + 1, {
+                "model": module.state_dict(), "ema": ema.shadow, "optimizer": stepper.optimizer_state(),
+                "per_rank": {"generator": gen.get_state(), "optimizer": stepper.rank_optimizer_state()},
+                "meta": decoder_meta(d, "euler", d.steps)}, keep_last=d.keep_last)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:
@@ -217,13 +238,26 @@ def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
     data = batches(decoder_pairs(tcfg, "train", 0, 1, cfg.data), dc.batch_size)
     t0, loss_v, pool = time.time(), float("nan"), None
     if dc.method == "trajectory_distillation":
+        # rebuilt the same way on a resume (seeded, from the start of the data), then the RNG state is restored
         with tqdm(total=dc.pool_size, desc="distill: teacher trajectories", disable=not progress) as pbar:
             pool = TrajectoryPool.build(teacher.eval(), data, dc.pool_size, tcfg, dc, gen, pbar.update)
         print(f"distill: {dc.pool_size} teacher trajectories ({tcfg.steps} steps, w={dc.teacher_cfg_scale}) "
               f"in {time.time() - t0:.1f}s")
     if dc.method != "consistency_distillation":
         teacher = None  # nothing but the student (and its EMA) lives in the training loop
-    bar = tqdm(range(dc.train_steps), desc=f"distill[{dc.method}]", disable=not progress)
+    start = 0
+    found = checkpoint.load_latest(ckpt_dir) if dc.resume == "auto" else None
+    if found is not None:
+        start, state = found
+        student.load_state_dict(state["model"])
+        ema.shadow = {k: v.float() for k, v in state["ema"].items()}
+        stepper.load_optimizer_state(state["optimizer"])
+        gen.set_state(state["generator"])
+        if pool is None:
+            data = itertools.islice(data, start, None)  # one batch per step: continue the data order
+        print(f"distill: resumed from {ckpt_dir} at step {start}", file=sys.stderr)
+    bar = tqdm(range(start, dc.train_steps), desc=f"distill[{dc.method}]", disable=not progress, initial=start,
+               total=dc.train_steps)
     for step in bar:
         if pool is not None:
             loss = trajectory_loss(student, pool, dc.batch_size, dc.loss, gen)
@@ -238,9 +272,10 @@ def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
         bar.set_postfix(loss=f"{loss_v:.4f}")
         if (step + 1 == dc.train_steps) or (dc.save_every and (step + 1) % dc.save_every == 0):
             meta = decoder_meta(tcfg, "turbo", dc.steps, {"distill": asdict(dc), "teacher": str(teacher_src)})
-            checkpoint.save(ckpt_dir, step + 1, {"model": student.state_dict(), "ema": ema.shadow, "meta": meta},
-                            keep_last=2)
-    print(f"distill[{dc.method}]: {dc.train_steps} steps in {time.time() - t0:.1f}s, final loss {loss_v:.4f}, "
+            checkpoint.save(ckpt_dir, step + 1, {"model": student.state_dict(), "ema": ema.shadow, "meta": meta,
+                                                 "optimizer": stepper.optimizer_state(), "generator": gen.get_state()},
+                            keep_last=dc.keep_last)
+    print(f"distill[{dc.method}]: {dc.train_steps - start} steps in {time.time() - t0:.1f}s, final loss {loss_v:.4f}, "
           f"{dc.steps}-step student at {ckpt_dir}")
     return ckpt_dir
 
