@@ -8,29 +8,31 @@ import torch
 
 from data_pipeline.image_tokenizer.fit_codebook import iter_raw_images
 from data_pipeline.image_tokenizer.load import load_image_tokenizer
-from data_pipeline.image_tokenizer.preprocess import generate_crop_size_list, to_pixel_values, var_center_crop
+from data_pipeline.image_tokenizer.prepare import pixel_values, sized_image
+from data_pipeline.image_tokenizer.preprocess import to_pixel_values
 
 
 def iter_image_token_pairs(dcfg, split: str = "train", batch_size: int | None = None, limit: int | None = None,
                            dedupe: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """Yield (pixels [3, H, W] float32 in [-1, 1] at the generation resolution, VQ ids LongTensor [gh, gw], meta)
-    for every image of the raw split, in shard order. Images are cropped like generation targets
-    (var_center_crop on the resize_factor lattice with gen_max_patches cells) and tokenized in batches grouped by
-    size by the tokenizer at data.image_tokenizer.path. `meta` carries the sample's metadata (shapes scene)."""
+    for every image of the raw split, in shard order. Images are prepared like generation targets
+    (`prepare`, mode generate) and tokenized in batches grouped by size by the tokenizer at
+    data.image_tokenizer.path, with its own normalisation; the decoder's target stays [-1, 1] pixels whatever that
+    normalisation is. `meta` carries the sample's metadata (shapes scene)."""
     icfg = dcfg.image_tokenizer
     tok = load_image_tokenizer(icfg.path)
-    sizes = generate_crop_size_list(icfg.gen_max_patches, icfg.resize_factor)
     bs = batch_size or icfg.batch_size
-    buf: list[tuple[torch.Tensor, dict]] = []
+    buf: list[tuple] = []
 
     def flush():
-        ids = tok.encode_images([p for p, _ in buf], bs)
-        out = [(p, i.long(), m) for (p, m), i in zip(buf, ids)]
+        ids = tok.encode_images([px for _, px, _ in buf], bs)
+        out = [(to_pixel_values(sized), i.long(), m) for (sized, _, m), i in zip(buf, ids)]
         buf.clear()
         return out
 
     for _, img, meta in iter_raw_images(Path(dcfg.raw_dir) / split, dcfg, limit=limit, dedupe=dedupe):
-        buf.append((to_pixel_values(var_center_crop(img, sizes, scale=True), tok.mean[0], tok.std[0]), meta))
+        sized = sized_image(img, tok, icfg, "generate")
+        buf.append((sized, pixel_values(sized, tok), meta))
         if len(buf) >= bs * 4:
             yield from flush()
     if buf:

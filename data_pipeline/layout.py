@@ -27,6 +27,7 @@ OFFICIAL_SPECIALS = (EOS, MASK, IMAGE_START, IMAGE_END, BOI, UNCONDITION, ROLE_S
 
 SYSTEM_UNDERSTAND = "You are a multimodal understanding assistant."
 SYSTEM_T2I = "You are a text-to-image generation assistant."
+SYSTEM_EDIT = "You are an image editing assistant."
 ROLE_SYSTEM, ROLE_HUMAN, ROLE_ASSISTANT = "SYSTEM", "HUMAN", "ASSISTANT"
 
 TEXT, IMAGE = 0, 1  # modality flag values stored in token shards
@@ -122,12 +123,16 @@ class TokenSample:
         return int(self.ids.shape[0])
 
 
+def image_header(specials: SpecialTokens, gh: int, gw: int) -> list[int]:
+    """`<|image|><h><w><boi>`: what precedes the VQ ids (and ends a generation prompt)."""
+    return [specials.image_start, specials.grid(gh), specials.grid(gw), specials.boi]
+
+
 def image_block(grid_ids, gh: int, gw: int, specials: SpecialTokens, offset: int) -> list[int]:
     grid = np.asarray(grid_ids, dtype=np.int64).reshape(-1)
     if grid.size != gh * gw:
         raise ValueError(f"image block: {grid.size} VQ ids do not fill a {gh}x{gw} grid")
-    return [specials.image_start, specials.grid(gh), specials.grid(gw), specials.boi,
-            *(grid + offset).tolist(), specials.image_end]
+    return [*image_header(specials, gh, gw), *(grid + offset).tolist(), specials.image_end]
 
 
 def _sample(prompt: list[int], answer: list[int], task: str, offset: int, meta: dict,
@@ -167,12 +172,28 @@ def build_understanding(tok, specials: SpecialTokens, offset: int, images: list[
     return s
 
 
+def t2i_prompt(tok, specials: SpecialTokens, offset: int, caption: str, gh: int, gw: int,
+               uncondition: bool = False) -> list[int]:
+    """Text-to-image prompt: caption (or `<uncondition>`, the CFG branch) + the image header of a gh x gw grid."""
+    return chat_prompt(tok, specials, offset, SYSTEM_T2I, caption, uncondition=uncondition) + \
+        image_header(specials, gh, gw)
+
+
+def edit_prompts(tok, specials: SpecialTokens, offset: int, instruction: str, source: tuple) -> list[list[int]]:
+    """Editing's three guidance branches, each ending with the header of the source's grid (the output grid):
+    [conditional, instruction replaced by `<uncondition>`, source image dropped]. source: (grid, gh, gw)."""
+    header = image_header(specials, source[1], source[2])
+    return [chat_prompt(tok, specials, offset, SYSTEM_EDIT, instruction, [source]) + header,
+            chat_prompt(tok, specials, offset, SYSTEM_EDIT, instruction, [source], uncondition=True) + header,
+            chat_prompt(tok, specials, offset, SYSTEM_EDIT, instruction) + header]
+
+
 def build_t2i(tok, specials: SpecialTokens, offset: int, caption: str, grid, gh: int, gw: int,
               uncondition: bool = False, meta: dict | None = None) -> TokenSample:
-    """Text-to-image: prompt = caption + image header, answer = VQ ids + <|/image|> + EOS (maskable)."""
-    prompt = chat_prompt(tok, specials, offset, SYSTEM_T2I, caption, uncondition=uncondition)
+    """Text-to-image: prompt = `t2i_prompt`, answer = VQ ids + <|/image|> + EOS (maskable)."""
+    prompt = t2i_prompt(tok, specials, offset, caption, gh, gw, uncondition)
     block = image_block(grid, gh, gw, specials, offset)
-    return _sample(prompt + block[:4], block[4:] + [specials.eos], "t2i", offset, meta or {})
+    return _sample(prompt, block[4:] + [specials.eos], "t2i", offset, meta or {})
 
 
 def build_interleaved(tok, specials: SpecialTokens, offset: int, segments: list[tuple],

@@ -10,7 +10,6 @@ whose transport failed counts as one input quarantined as `stream_failed` and st
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -27,8 +26,7 @@ from tqdm import tqdm
 from data_pipeline import layout
 from data_pipeline.formats import ImageLimits, Quarantine, parse_sample, write_tar
 from data_pipeline.image_tokenizer.load import load_image_tokenizer
-from data_pipeline.image_tokenizer.preprocess import (generate_crop_size_list, resize_for_understanding,
-                                                      to_pixel_values, var_center_crop)
+from data_pipeline.image_tokenizer.prepare import prepare_pixels
 from data_pipeline.manifest import build_manifest, index_path, read_index, tar_offsets, write_json_atomic
 from data_pipeline.sources import RawShard, ShardReader, list_raw_shards
 from data_pipeline.text_tokenizer import load_text_tokenizer, text_tokenizer_path, vocab_layout
@@ -59,7 +57,6 @@ class ShardTokenizer:
         self.specials = layout.SpecialTokens.from_tokenizer(self.text)
         self.offset, self.vocab_size = vocab_layout(self.text, self.image.codebook_size)
         self.limits = ImageLimits(dcfg.max_input_pixels, dcfg.max_aspect)
-        self.gen_sizes = generate_crop_size_list(self.icfg.gen_max_patches, self.icfg.resize_factor)
 
     def fingerprint(self) -> dict:
         knobs = {k: getattr(self.dcfg, k) for k in ("caption_tasks", "t2i_uncond_prob", "max_input_pixels",
@@ -71,13 +68,6 @@ class ShardTokenizer:
               "config": h}
         fp["all"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
         return fp
-
-    def _pixels(self, img, gen: bool) -> torch.Tensor:
-        if gen:
-            img = var_center_crop(img, self.gen_sizes, scale=True)
-        else:
-            img = resize_for_understanding(img, self.icfg.resize_factor, self.icfg.min_pixels, self.icfg.max_pixels)
-        return to_pixel_values(img, self.image.mean[0], self.image.std[0])
 
     def tokenize_shard(self, shard: RawShard, out_path: Path) -> dict:
         t0 = time.time()
@@ -102,11 +92,11 @@ class ShardTokenizer:
         plan = []
         for s in parsed:
             und = [len(jobs) + i for i in range(len(s.images))]
-            jobs += [self._pixels(im, gen=False) for im in s.images]
+            jobs += [prepare_pixels(im, self.image, self.icfg, "understand") for im in s.images]
             gen = None
             if s.kind == "caption" and "t2i" in self.dcfg.caption_tasks:
                 gen = len(jobs)
-                jobs.append(self._pixels(s.images[0], gen=True))
+                jobs.append(prepare_pixels(s.images[0], self.image, self.icfg, "generate"))
             plan.append((s, und, gen))
         ids = self.image.encode_images(jobs, self.icfg.batch_size) if jobs else []
         grid = lambda j: (ids[j].numpy(), *ids[j].shape)  # noqa: E731
@@ -281,12 +271,3 @@ def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=
     return {"manifest": manifest, "shards_done": len(jobs), "shards_skipped": skipped, "images": imgs,
             "tokens": toks, "seconds": dt}
 
-
-def cmd_pretokenize(cfg, args: argparse.Namespace) -> int:
-    """`unidiff pretokenize CONFIG`: optional args.workers (default data.pretokenize_workers)."""
-    if getattr(args, "merge", False):
-        merge_manifest(cfg.data)
-        return 0
-    shards = tuple(map(int, args.shards.split(":"))) if getattr(args, "shards", None) else None
-    pretokenize(cfg.data, getattr(args, "workers", None), shards=shards)
-    return 0

@@ -7,7 +7,6 @@ Also builds the small text tokenizer from all sample text (`OUT/tokenizer.json`)
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -155,9 +154,3 @@ def make_sample(out: str | Path, scfg, progress: bool = True) -> dict:
           f"/split ({len(photos)} real photos), tokenizer {tok.vocab_size} ids -> {out} in {info['seconds']}s")
     return info
 
-
-def cmd_make_sample(cfg, args: argparse.Namespace) -> int:
-    """`unidiff data make-sample CONFIG [OUT]`: args.out (default data.raw_dir)."""
-    out = getattr(args, "out", None) or cfg.data.raw_dir
-    make_sample(out, cfg.data.sample)
-    return 0

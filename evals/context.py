@@ -7,6 +7,7 @@ silently dropped.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -37,6 +38,18 @@ class EvalContext:
     @property
     def image_offset(self) -> int:
         return int(self.cfg.model.image_token_offset)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.cfg.model.vocab_size) - self.image_offset
+
+    @property
+    def sampler(self):
+        """The configured sampler settings (`diffusion.sample_*`, `cfg_*`), passed whole to the samplers; a task
+        changes a field with `.replace(...)`."""
+        from training.diffusion.samplers.settings import SamplerSettings
+
+        return SamplerSettings.from_config(self.cfg.diffusion)
 
     @property
     def is_main(self) -> bool:
@@ -79,3 +92,33 @@ def missing(ctx: EvalContext, *needs: str) -> str:
     if not absent:
         return ""
     return "; ".join(f"needs {n}: {ctx.unavailable.get(n, 'not given to this context')}" for n in absent)
+
+
+class HeldOutTask:
+    """The prologue every task shares: skipped if the context lacks one of `needs`, or when it has no items of its
+    kind (the first eval.num_samples of `ctx.data.<items_of>`; `items` may choose otherwise); then timed.
+    A task sets name, distributed, needs, items_of (and nothing) and defines `score(ctx, items)`."""
+
+    name = ""
+    distributed = False
+    needs: tuple[str, ...] = ("model", "specials", "data")
+    items_of = ""
+    nothing = ""  # the skip reason without items ("" = "no held-out <items_of> items")
+
+    def items(self, ctx: EvalContext) -> list:
+        return list(getattr(ctx.data, self.items_of)[:ctx.ecfg.num_samples])
+
+    def score(self, ctx: EvalContext, items: list) -> TaskResult:
+        raise NotImplementedError
+
+    def run(self, ctx: EvalContext) -> TaskResult:
+        why = missing(ctx, *self.needs)
+        if why:
+            return TaskResult.skipped(self.name, why)
+        items = self.items(ctx)
+        if not items:
+            return TaskResult.skipped(self.name, self.nothing or f"no held-out {self.items_of} items")
+        t0 = time.time()
+        res = self.score(ctx, items)
+        res.seconds = res.seconds or time.time() - t0
+        return res

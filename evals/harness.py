@@ -1,8 +1,8 @@
 """`unidiff eval CONFIG --tasks elbo,choice,...`: build the context once, run each task, write the report.
 
 Where things come from (all from the config, nothing downloaded):
-  backbone   eval.checkpoint: "" = latest valid checkpoint in <run_dir>/checkpoints (training.checkpoint),
-             a checkpoint dir, an HF dir (config.json + safetensors), or "none"
+  backbone   eval.checkpoint: "" = latest valid checkpoint in <run_dir>/checkpoints, a checkpoint dir, an HF dir
+             (config.json + safetensors), or "none"; loaded by training.inference.backbone (bf16 on CUDA)
   decoders   eval.decoder_student ("" = <run_dir>/distill/checkpoints) and eval.decoder_teacher
              ("" = <run_dir>/decoder/checkpoints); "none" skips one
   tokenizers data.text_tokenizer (or <data.raw_dir>/tokenizer.json) and data.image_tokenizer.path
@@ -13,7 +13,6 @@ reason. Likelihood tasks (elbo, choice) run data-parallel when launched with tor
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,6 +28,8 @@ from evals.context import EvalContext, TaskResult
 from evals.tasks import get_task
 from training import accelerator
 from training.config_errors import ConfigError
+from training.inference.backbone import load_backbone
+from training.inference.decoders import decoder_fn
 
 
 def run_tasks(ctx: EvalContext, names: list[str]) -> list[TaskResult]:
@@ -63,48 +64,6 @@ def _line(r: TaskResult) -> str:
 
 # ------------------------------------------------------------------------------------------------ loading
 
-def load_backbone(cfg, device):
-    src = cfg.eval.checkpoint
-    if src == "none":
-        raise LookupError("eval.checkpoint=none")
-    if src and (Path(src) / "config.json").exists():
-        from training.hf_format import import_hf
-
-        _, model = import_hf(src, device=str(device), base=cfg.model)
-        return model.eval(), src
-    from training.checkpoint import CheckpointManager
-    from training.engines import build_engine
-
-    ckpt = Path(src) if src else CheckpointManager(cfg.run_dir).latest_valid()
-    if ckpt is None or not Path(ckpt).exists():
-        raise LookupError(f"no valid checkpoint under {cfg.run_dir / 'checkpoints'} (train first, or set "
-                          f"eval.checkpoint=DIR)")
-    # One full replica per process (the likelihood tasks split items, not the model).
-    single = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1, expert=1, expert_tensor=1,
-                                                                   pipeline=1),
-                                 train=dataclasses.replace(cfg.train, engine="native"))
-    engine = build_engine(single)
-    engine.load(ckpt)
-    if not hasattr(engine, "unwrap"):
-        raise ConfigError(f"engine {type(engine).__name__} has no unwrap()")
-    return engine.unwrap().eval(), str(ckpt)
-
-
-def decoder_fn(source, steps: int = 0):
-    """A checkpoint dir (or an already loaded (model, meta), e.g. another decoder_fn's `.loaded`) -> callable
-    ids [B, gh, gw] -> images [B, 3, H, W] in [-1, 1] (its own sampler; its own steps unless `steps`)."""
-    from training.decoder.decode import decode_tokens, load_decoder
-
-    model, meta = source if isinstance(source, tuple) else load_decoder(source)
-
-    def decode(ids: torch.Tensor) -> torch.Tensor:
-        return decode_tokens(model, ids.long(), steps=decode.steps, sampler=meta.get("sampler"))
-
-    decode.steps = steps or meta.get("steps")
-    decode.loaded = (model, meta)
-    return decode
-
-
 def build_context(cfg, rank: int = 0, world: int = 1, device=None, out_dir: Path | None = None) -> EvalContext:
     e = cfg.eval
     device = torch.device(device or accelerator.device_for(int(os.environ.get("LOCAL_RANK", "0"))))
@@ -134,8 +93,9 @@ def build_context(cfg, rank: int = 0, world: int = 1, device=None, out_dir: Path
         return load_image_tokenizer(cfg.data.image_tokenizer.path, device).eval()
 
     ctx.image_tokenizer = attempt("image_tokenizer", image_tok)
-    loaded = attempt("model", lambda: load_backbone(cfg, device))
-    if loaded is not None:
+    if e.checkpoint == "none":
+        ctx.unavailable["model"] = "eval.checkpoint=none"
+    elif (loaded := attempt("model", lambda: load_backbone(cfg, e.checkpoint, device))) is not None:
         ctx.model, meta["checkpoint"] = loaded
     for name, src, default in (("student", e.decoder_student, Path(cfg.run_dir) / "distill" / "checkpoints"),
                                ("teacher", e.decoder_teacher, Path(cfg.run_dir) / "decoder" / "checkpoints")):
@@ -273,14 +233,3 @@ def parse_tasks(arg: str | None, default: list[str]) -> list[str]:
     if bad or not names:
         raise ConfigError(f"--tasks={arg} is not allowed: must be a comma list of {' | '.join(TASK_NAMES)}")
     return names
-
-
-def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", default="", help="comma list of eval tasks (default: eval.tasks from the config)")
-
-
-def cmd_eval(cfg, args: argparse.Namespace) -> int:
-    """`unidiff eval CONFIG [key=value ...] [--tasks elbo,choice,...]`; exit code 1 if a task failed."""
-    names = parse_tasks(getattr(args, "tasks", "") or None, cfg.eval.tasks)
-    results = evaluate(cfg, names)
-    return 1 if any(r.status == "failed" for r in results) else 0

@@ -3,9 +3,10 @@
 `build_shapes_heldout` regenerates the held-out split of the procedural shapes world from its seed: the scene ids,
 captions and questions are exactly those `unidiff data make-sample` wrote into the `val` raw shards (same
 `scene_for(seed, split, i)` and the same per-scene text RNG), so the answer key comes from `data_pipeline.shapes`
-and never from the model's training data. Images are tokenized with the configured image tokenizer using the
-released preprocessing (understanding resize for prompts, generation crop for targets), and sequences are built
-with the official layout builders of `data_pipeline.layout`.
+and never from the model's training data. Images are tokenized with the configured image tokenizer by the recipe
+pretokenize uses (`data_pipeline.image_tokenizer.prepare`: understanding resize for prompts, generation crop for
+targets, the tokenizer's own mean/std), and sequences are built with the official layout builders of
+`data_pipeline.layout`.
 """
 from __future__ import annotations
 
@@ -82,21 +83,6 @@ def answer_set(qtype: str, max_shapes: int = 3) -> list[str]:
     raise ValueError(f"unknown shapes question type {qtype!r}")
 
 
-def tokenize_image(img, image_tokenizer, icfg, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """PIL image -> (pixels [3, H, W] in [-1, 1], VQ ids [gh, gw]); mode 'understand' (smart resize, prompts) or
-    'generate' (var_center_crop on the factor lattice, generation targets)."""
-    from data_pipeline.image_tokenizer.preprocess import (generate_crop_size_list, resize_for_understanding,
-                                                          to_pixel_values, var_center_crop)
-
-    if mode == "understand":
-        img = resize_for_understanding(img, icfg.resize_factor, icfg.min_pixels, icfg.max_pixels)
-    else:
-        img = var_center_crop(img, generate_crop_size_list(icfg.gen_max_patches, icfg.resize_factor), scale=True)
-    px = to_pixel_values(img)
-    ids = image_tokenizer.encode(px[None].to(next(image_tokenizer.parameters()).device))[0].cpu()
-    return px, ids
-
-
 def read_token_shards(token_dir, split: str, n: int) -> list[LikelihoodItem]:
     """The first n token samples of `token_dir/<split>/*.tar` (written by `unidiff pretokenize`), in shard order,
     as likelihood items over their maskable positions; [] if there are none."""
@@ -128,6 +114,8 @@ def build_shapes_heldout(cfg, tok, specials, image_tokenizer, n: int, caption_pr
     from tqdm import tqdm
 
     from data_pipeline import layout, shapes
+    from data_pipeline.image_tokenizer.prepare import tokenize_image
+    from data_pipeline.image_tokenizer.preprocess import to_pixel_values
 
     if not caption_prompt:
         from data_pipeline.pretokenize import CAPTION_PROMPT as caption_prompt
@@ -142,7 +130,7 @@ def build_shapes_heldout(cfg, tok, specials, image_tokenizer, n: int, caption_pr
         qa = shapes.pick_question(scene, rng)
         img = shapes.render(scene)
         _, u_ids = tokenize_image(img, image_tokenizer, icfg, "understand")
-        g_px, g_ids = tokenize_image(img, image_tokenizer, icfg, "generate")
+        g_img, g_ids = tokenize_image(img, image_tokenizer, icfg, "generate")
         image = [(u_ids, *u_ids.shape)]
         q_prompt = layout.chat_prompt(tok, specials, offset, layout.SYSTEM_UNDERSTAND, qa.question, image)
         ho.vqa.append(GenItem(q_prompt, qa.answer, qa.qtype, i, qa.question))
@@ -152,11 +140,10 @@ def build_shapes_heldout(cfg, tok, specials, image_tokenizer, n: int, caption_pr
         ho.caption.append(GenItem(layout.chat_prompt(tok, specials, offset, layout.SYSTEM_UNDERSTAND, caption_prompt,
                                                      image), cap, "caption", i, caption_prompt))
         gh, gw = g_ids.shape
-        t2i = layout.build_t2i(tok, specials, offset, cap, g_ids, gh, gw)
-        t2u = layout.build_t2i(tok, specials, offset, cap, g_ids, gh, gw, uncondition=True)
-        ho.t2i.append(T2IItem(t2i.ids[:t2i.prompt_len].tolist(), t2u.ids[:t2u.prompt_len].tolist(), (gh, gw),
+        ho.t2i.append(T2IItem(layout.t2i_prompt(tok, specials, offset, cap, gh, gw),
+                              layout.t2i_prompt(tok, specials, offset, cap, gh, gw, uncondition=True), (gh, gw),
                               scene, cap, i))
-        ho.recon.append(ReconItem(g_px, g_ids, i))
+        ho.recon.append(ReconItem(to_pixel_values(g_img), g_ids, i))  # the decoders' target: [-1, 1] pixels
         doc = layout.build_interleaved(tok, specials, offset, [("image", u_ids, *u_ids.shape), ("text", cap)])
         ho.elbo.append(LikelihoodItem(torch.as_tensor(doc.ids, dtype=torch.long), torch.as_tensor(doc.maskable),
                                       torch.as_tensor(doc.modality == layout.IMAGE), i))

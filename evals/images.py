@@ -5,13 +5,8 @@ PSNR / SSIM come from `evals.metrics_image` (the decoder's closed-form implement
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
-
-def to_pil(img: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] -> RGB PIL image."""
-    a = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(a)
+from data_pipeline.image_tokenizer.preprocess import from_pixel_values as to_pil  # noqa: F401  ([-1, 1] -> RGB)
 
 
 def resize_to(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Backbone commands of the CLI: model info, HF import/export, train. Each is `(cfg, args) -> exit code`."""
+"""The command handlers of the CLI, each `(cfg, args) -> exit code`: thin over the library's typed entries (model info,
+HF import/export, train, data make-sample, tokenizer fit-codebook, pretokenize, eval, generate). The flags are in
+launch/registry.py. (train-decoder and distill still have their handlers in training/decoder/train.py.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -78,4 +80,53 @@ def cmd_train(cfg, args) -> int:
     # default then), or the batch script sees a failed rank and does not requeue.
     for s in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    return 0
+
+
+def cmd_make_sample(cfg, args) -> int:
+    """`unidiff data make-sample CONFIG [OUT]`: args.out (default data.raw_dir)."""
+    from data_pipeline.sample import make_sample
+
+    make_sample(getattr(args, "out", None) or cfg.data.raw_dir, cfg.data.sample)
+    return 0
+
+
+def cmd_fit_codebook(cfg, args) -> int:
+    """`unidiff tokenizer fit-codebook CONFIG`: optional args.out (default data.image_tokenizer.path)."""
+    from data_pipeline.image_tokenizer.fit_codebook import fit_codebook, single_thread_unless_set
+
+    single_thread_unless_set()
+    fit_codebook(cfg.data, getattr(args, "out", None))
+    return 0
+
+
+def cmd_pretokenize(cfg, args) -> int:
+    """`unidiff pretokenize CONFIG`: optional args.workers (default data.pretokenize_workers), args.shards A:B,
+    args.merge."""
+    from data_pipeline.pretokenize import merge_manifest, pretokenize
+
+    if getattr(args, "merge", False):
+        merge_manifest(cfg.data)
+        return 0
+    shards = tuple(map(int, args.shards.split(":"))) if getattr(args, "shards", None) else None
+    pretokenize(cfg.data, getattr(args, "workers", None), shards=shards)
+    return 0
+
+
+def cmd_eval(cfg, args) -> int:
+    """`unidiff eval CONFIG [key=value ...] [--tasks elbo,choice,...]`; exit code 1 if a task failed."""
+    from evals.harness import evaluate, parse_tasks
+
+    names = parse_tasks(getattr(args, "tasks", "") or None, cfg.eval.tasks)
+    results = evaluate(cfg, names)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def cmd_generate(cfg, args) -> int:
+    """`unidiff generate CONFIG --task understand|t2i|edit --prompt TEXT [--image PATH] ...`: results under --out."""
+    from training.inference.generate import generate_files, parse_grid
+
+    print(generate_files(cfg, args.task, args.prompt, image=args.image, grid=parse_grid(args.grid),
+                         checkpoint=args.checkpoint, out=args.out or None, samples=args.samples, seed=args.seed,
+                         device=args.device, decoder=args.decoder))
     return 0

@@ -40,6 +40,24 @@ def _flags_pretokenize(p):
     p.add_argument("--merge", action="store_true", help="check every shard is finished, then write manifest.json")
 
 
+def _flags_eval(p):
+    p.add_argument("--tasks", default="", help="comma list of eval tasks (default: eval.tasks from the config)")
+
+
+def _flags_generate(p):
+    """Sampler knobs are config keys (diffusion.sample_*, cfg_*), not flags."""
+    p.add_argument("--task", choices=["understand", "t2i", "edit"], required=True)
+    p.add_argument("--prompt", required=True, help="question (understand), caption (t2i) or instruction (edit)")
+    p.add_argument("--image", default="", help="input image path (understand, edit)")
+    p.add_argument("--grid", default="8x8", help="t2i output grid HxW in image tokens")
+    p.add_argument("--checkpoint", default="", help="checkpoint step dir or HF-format dir (default: latest in run)")
+    p.add_argument("--decoder", default="", help="decoder checkpoint dir: also write the images as PNG (t2i, edit)")
+    p.add_argument("--out", default="", help="output dir (default: <run dir>/generate)")
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="", help="cpu | cuda (default: cuda if available)")
+
+
 Flags = Callable | str | None
 
 COMMANDS: dict[str, tuple[str, Flags, str]] = {
@@ -48,15 +66,15 @@ COMMANDS: dict[str, tuple[str, Flags, str]] = {
                           "check an HF checkpoint and write a model preset for it (train with train.init_from=DIR)"),
     "convert hf-export": ("launch.commands:cmd_hf_export", _flags_export, "export a checkpoint to HF format"),
     "train": ("launch.commands:cmd_train", None, "train the backbone (in this process; see `launch local`)"),
-    "data make-sample": ("data_pipeline.sample:cmd_make_sample", _flags_out,
+    "data make-sample": ("launch.commands:cmd_make_sample", _flags_out,
                          "write the bundled raw sample shards (real photos from wheels + procedural shapes) to OUT"),
-    "tokenizer fit-codebook": ("data_pipeline.image_tokenizer.fit_codebook:cmd_fit_codebook", _flags_out,
+    "tokenizer fit-codebook": ("launch.commands:cmd_fit_codebook", _flags_out,
                                "fit the SigLIP-VQ codebook by spherical k-means on ViT features"),
-    "pretokenize": ("data_pipeline.pretokenize:cmd_pretokenize", _flags_pretokenize,
+    "pretokenize": ("launch.commands:cmd_pretokenize", _flags_pretokenize,
                     "raw shards -> token shards in the official layout + manifest.json (resumable)"),
-    "eval": ("evals.harness:cmd_eval", "evals.harness:add_eval_flags",
+    "eval": ("launch.commands:cmd_eval", _flags_eval,
              "evaluate a run: likelihood, understanding, generation, reconstruction, speed"),
-    "generate": ("training.diffusion.generate:cmd_generate", "training.diffusion.generate:add_generate_args",
+    "generate": ("launch.commands:cmd_generate", _flags_generate,
                  "understanding (image + question -> text), text-to-image, editing from a checkpoint"),
     "train-decoder": ("training.decoder.train:cmd_train_decoder", None,
                       "train the diffusion decoder (image tokens -> pixels, rectified flow)"),

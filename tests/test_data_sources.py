@@ -16,9 +16,10 @@ import pytest
 from data_pipeline.formats import iter_tar_samples, write_tar
 from data_pipeline.image_tokenizer.fit_codebook import fit_codebook
 from data_pipeline.manifest import read_index
-from data_pipeline.pretokenize import cmd_pretokenize, merge_manifest, pretokenize
+from data_pipeline.pretokenize import merge_manifest, pretokenize
 from data_pipeline.sample import make_sample
 from data_pipeline.sources import ShardReader, list_raw_shards, shard_name
+from launch.commands import cmd_pretokenize
 from tests.test_data_pipeline import small_cfg
 from training.config import load_config
 from training.config_errors import ConfigError

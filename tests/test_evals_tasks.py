@@ -108,3 +108,19 @@ def test_missing_parts_are_reported_not_dropped(env):
     ctx.unavailable["decoders"] = "no checkpoint in runs/x/decoder/checkpoints"
     r = T2ITask().run(ctx)
     assert r.status == "skipped" and "runs/x/decoder/checkpoints" in r.reason
+
+
+def test_every_task_skips_without_its_parts_or_its_items(env):
+    """The shared prologue (evals.context.HeldOutTask): a missing part or an empty item list is a skip naming why."""
+    from evals.context import EvalContext, HeldOutTask
+    from evals.heldout import HeldOut
+    from evals.tasks import REGISTRY, get_task
+
+    tmp, _, oracle = env
+    for name in REGISTRY:
+        task = get_task(name)
+        assert isinstance(task, HeldOutTask), name
+        empty = task.run(fx.context(tmp, oracle, HeldOut(), decoders={"d": lambda ids: ids}))
+        assert empty.status == "skipped" and empty.reason.startswith("no "), (name, empty.reason)
+        bare = task.run(EvalContext(cfg=fx.tiny_cfg()))
+        assert bare.status == "skipped" and bare.reason.startswith("needs "), (name, bare.reason)

@@ -48,6 +48,12 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def inference_dtype(device) -> torch.dtype:
+    """Weights of a backbone loaded for inference: bf16 on CUDA (as released and served), fp32 on the CPU (bf16
+    matmuls there are slower than fp32, and tests compare against fp32 references)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def set_device(device: torch.device) -> None:
     if device.type == "cuda" and _rehearsing is None:
         torch.cuda.set_device(device)

@@ -245,8 +245,15 @@ def import_hf(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.
     cfg = read_hf_config(path, base)
     model = build_model(cfg, "meta")
     model.to_empty(device=device)
-    model.to(dtype)
-    for moe in model.moe_layers():  # the bias is kept in fp32 whatever the weights' dtype
-        moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
+    cast_model(model, dtype)
     load_hf_weights(model, path)
     return cfg, model
+
+
+def cast_model(model, dtype: torch.dtype):
+    """Weights to `dtype`; the router's expert bias is kept in fp32 whatever the weights' dtype (the router scores
+    in fp32 as released, and the bias is added to those scores before the top-k)."""
+    model.to(dtype)
+    for moe in model.moe_layers():
+        moe.gate.expert_bias.data = moe.gate.expert_bias.data.float()
+    return model

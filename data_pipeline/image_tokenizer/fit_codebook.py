@@ -10,7 +10,6 @@ the shapes detector) and distinct palette colours must get distinct codes.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import json
@@ -27,7 +26,8 @@ from data_pipeline import shapes
 from data_pipeline.formats import ImageLimits, Quarantine, iter_tar_samples, parse_sample
 from data_pipeline.image_tokenizer.load import (ImageTokenizer, build_image_tokenizer, load_image_tokenizer,
                                                 save_image_tokenizer)
-from data_pipeline.image_tokenizer.preprocess import resize_for_understanding, to_pixel_values
+from data_pipeline.image_tokenizer.prepare import pixel_values, prepare_pixels
+from data_pipeline.image_tokenizer.preprocess import from_pixel_values
 
 
 def single_thread_unless_set() -> None:
@@ -63,8 +63,8 @@ def iter_raw_images(raw_split_dir: str | Path, dcfg, limit: int | None = None, d
 
 
 def understanding_pixels(img, icfg, model: ImageTokenizer) -> torch.Tensor:
-    img = resize_for_understanding(img, icfg.resize_factor, icfg.min_pixels, icfg.max_pixels)
-    return to_pixel_values(img, model.mean[0], model.std[0])
+    """The features k-means fits are those of prompt images: the understanding mode of the shared recipe."""
+    return prepare_pixels(img, model, icfg, "understand")
 
 
 @torch.no_grad()
@@ -138,10 +138,6 @@ def reconstruct(ids: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     return F.fold(cols, (gh * p, gw * p), p, stride=p)[0]
 
 
-def to_uint8(px: torch.Tensor) -> np.ndarray:
-    return ((px.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-
-
 @torch.no_grad()
 def codebook_report(model: ImageTokenizer, dcfg, train_pixels: list[torch.Tensor], raw_val_dir: Path) -> dict:
     icfg = dcfg.image_tokenizer
@@ -158,7 +154,7 @@ def codebook_report(model: ImageTokenizer, dcfg, train_pixels: list[torch.Tensor
             mse.append(F.mse_loss(rec, px).item())
             if meta.get("source") == "shapes" and px.shape[-1] == meta["scene"]["image_size"]:
                 scene = shapes.Scene.from_json(meta["scene"])
-                det += shapes.detect(to_uint8(rec)).key() == scene.key()
+                det += shapes.detect(from_pixel_values(rec)).key() == scene.key()
                 n_shapes += 1
         # PSNR on [-1, 1] images: peak-to-peak 2.
         report["val_psnr_code_means"] = round(10 * math.log10(4 / max(float(np.mean(mse)), 1e-12)), 2)
@@ -167,7 +163,7 @@ def codebook_report(model: ImageTokenizer, dcfg, train_pixels: list[torch.Tensor
             report["val_shapes_images"] = n_shapes
     # Distinct palette colours (and background) must map to disjoint code sets on flat patches.
     s = icfg.image_size
-    flat = {name: to_pixel_values(shapes.Image.new("RGB", (s, s), rgb)) for name, rgb in
+    flat = {name: pixel_values(shapes.Image.new("RGB", (s, s), rgb), model) for name, rgb in
             [("background", shapes.BACKGROUND), *shapes.COLOURS.items()]}
     codes = {n: set(model.encode(px[None])[0].flatten().tolist()) for n, px in flat.items()}
     names = list(codes)
@@ -219,9 +215,3 @@ def fit_codebook(dcfg, out: str | Path | None = None, progress: bool = True) -> 
           f"{report['flat_colour_codes_disjoint']} -> {out} in {report['seconds']}s")
     return report
 
-
-def cmd_fit_codebook(cfg, args: argparse.Namespace) -> int:
-    """`unidiff tokenizer fit-codebook CONFIG`: optional args.out (default data.image_tokenizer.path)."""
-    single_thread_unless_set()
-    fit_codebook(cfg.data, getattr(args, "out", None))
-    return 0

@@ -80,7 +80,24 @@ def var_center_crop(img: Image.Image, sizes: list[tuple[int, int]], scale: bool 
     return img.crop((left, top, left + cw, top + ch))  # PIL pads with black outside the image
 
 
-def to_pixel_values(img: Image.Image, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
-    """uint8 HxWx3 -> float32 [3, H, W], x/255 then (x - mean)/std (released: 0.5 / 0.5 -> [-1, 1])."""
+def to_pixel_values(img: Image.Image, mean=0.5, std=0.5) -> torch.Tensor:
+    """uint8 HxWx3 -> float32 [3, H, W], x/255 then (x - mean)/std per channel (mean/std: a number or one per
+    channel; released: 0.5 / 0.5 -> [-1, 1]). The defaults give the [-1, 1] pixels decoders work in; a tokenizer's
+    input goes through `prepare.pixel_values`, which passes the tokenizer's own mean/std."""
     a = torch.from_numpy(np.asarray(to_rgb(img), dtype=np.float32).copy()).permute(2, 0, 1)
-    return (a / 255.0 - mean) / std
+    return (a / 255.0 - _per_channel(mean)) / _per_channel(std)
+
+
+def from_pixel_values(px: torch.Tensor) -> Image.Image:
+    """Inverse of `to_pixel_values` at its defaults: [3, H, W] in [-1, 1] (clamped) -> RGB image."""
+    a = ((px.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(a)
+
+
+def _per_channel(v) -> torch.Tensor | float:
+    if isinstance(v, (int, float)):
+        return float(v)
+    t = torch.tensor([float(x) for x in v], dtype=torch.float32)
+    if t.numel() != 3:
+        raise ValueError(f"image mean/std {list(v)} must have 3 entries (one per RGB channel)")
+    return t.view(3, 1, 1)

@@ -30,7 +30,7 @@ class MultimodalModel:
             return []
         if self.ctx.image_tokenizer is None:
             raise RuntimeError(f"images given but no image tokenizer: {self.ctx.unavailable.get('image_tokenizer')}")
-        from evals.heldout import tokenize_image
+        from data_pipeline.image_tokenizer.prepare import tokenize_image
 
         out = []
         for img in images:
@@ -48,7 +48,7 @@ class MultimodalModel:
     def generate(self, images, text: str, max_new_tokens: int | None = None, until: list[str] | None = None) -> str:
         from evals.tasks.vqa import generate_answers
 
-        n = max_new_tokens or self.ctx.cfg.diffusion.sample_gen_length
+        n = max_new_tokens or self.ctx.sampler.gen_length
         out, _ = generate_answers(self.ctx, [self.prompt(images, text)], n, "generate")
         answer = out[0]
         for stop in until or []:

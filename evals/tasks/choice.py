@@ -8,11 +8,9 @@ Baseline: chance = mean over questions of 1 / #candidates (per question type in 
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from evals.context import EvalContext, TaskResult, missing
+from evals.context import EvalContext, HeldOutTask, TaskResult
 from evals.likelihood import LikelihoodItem, nelbo_draws
 from evals.tasks.elbo import elbo_block_size
 from training.accelerator import all_reduce_host
@@ -48,20 +46,15 @@ def credit(nelbo: torch.Tensor, answer: int, rtol: float = 1e-9) -> float:
     return float(tied[answer]) / float(tied.sum())
 
 
-class ChoiceTask:
+class ChoiceTask(HeldOutTask):
     name = "choice"
     distributed = True
+    items_of = "choice"
+    nothing = "no held-out multiple-choice items"
 
-    def run(self, ctx: EvalContext) -> TaskResult:
-        why = missing(ctx, "model", "specials", "data")
-        if why:
-            return TaskResult.skipped(self.name, why)
-        items = ctx.data.choice[:ctx.ecfg.num_samples]
-        if not items:
-            return TaskResult.skipped(self.name, "no held-out multiple-choice items")
+    def score(self, ctx: EvalContext, items: list) -> TaskResult:
         from tqdm import tqdm
 
-        t0 = time.time()
         qtypes = sorted({it.qtype for it in items})
         # Per question type: [credit, count, chance]; additive, so ranks can all-reduce them.
         acc = torch.zeros(len(qtypes), 3, dtype=torch.float64)
@@ -78,8 +71,7 @@ class ChoiceTask:
         acc = all_reduce_host(acc)  # host sums travel through the device under NCCL
         total = acc.sum(0)
         res = TaskResult(self.name, scores={"accuracy": float(total[0] / total[1]), "items": float(total[1])},
-                         baselines={"accuracy": float(total[2] / total[1])}, samples=samples,
-                         seconds=time.time() - t0)
+                         baselines={"accuracy": float(total[2] / total[1])}, samples=samples)
         res.tables["per_type"] = [{"type": q, "accuracy": round(float(a[0] / a[1]), 4),
                                    "chance": round(float(a[2] / a[1]), 4), "n": int(a[1])}
                                   for q, a in zip(qtypes, acc) if a[1] > 0]

@@ -8,9 +8,8 @@ numbers equal a single-process run (draws are seeded per item).
 from __future__ import annotations
 
 import math
-import time
 
-from evals.context import EvalContext, TaskResult, missing
+from evals.context import EvalContext, HeldOutTask, TaskResult
 from evals.likelihood import all_reduce_sums, nelbo_draws, nelbo_sums, summarize
 
 
@@ -21,18 +20,13 @@ def elbo_block_size(ctx: EvalContext) -> int:
     return int(ctx.cfg.diffusion.block_schedule[-1][1])
 
 
-class ElboTask:
+class ElboTask(HeldOutTask):
     name = "elbo"
     distributed = True
+    items_of = "elbo"
+    nothing = "no held-out sequences for elbo"
 
-    def run(self, ctx: EvalContext) -> TaskResult:
-        why = missing(ctx, "model", "specials", "data")
-        if why:
-            return TaskResult.skipped(self.name, why)
-        items = ctx.data.elbo[:ctx.ecfg.num_samples]
-        if not items:
-            return TaskResult.skipped(self.name, "no held-out sequences for elbo")
-        t0 = time.time()
+    def score(self, ctx: EvalContext, items: list) -> TaskResult:
         e = ctx.ecfg
         mine = [it for i, it in enumerate(items) if i % ctx.world == ctx.rank]
         draws = nelbo_draws(ctx.model, mine, mc=e.elbo_mc, estimator=e.elbo_estimator, sampling=e.elbo_sampling,
@@ -43,7 +37,7 @@ class ElboTask:
         vocab = int(ctx.cfg.model.vocab_size)
         scores = {**stats, "items": float(len(items)), "mc": float(e.elbo_mc)}
         baselines = {"nelbo_per_token": math.log(vocab), "ppl_bound": float(vocab)}
-        res = TaskResult(self.name, scores=scores, baselines=baselines, seconds=time.time() - t0)
+        res = TaskResult(self.name, scores=scores, baselines=baselines)
         res.tables["estimator"] = [{"estimator": e.elbo_estimator, "sampling": e.elbo_sampling, "mc": e.elbo_mc,
                                     "block_size": elbo_block_size(ctx), "items": len(items)}]
         return res

@@ -6,26 +6,19 @@ scores). Semantic tokens are not meant for pixel fidelity: expect low PSNR at re
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from evals.context import EvalContext, TaskResult, missing
+from evals.context import EvalContext, HeldOutTask, TaskResult
 from evals.images import psnr_ssim, resize_to, to_pil
 
 
-class ReconstructionTask:
+class ReconstructionTask(HeldOutTask):
     name = "reconstruction"
-    distributed = False
+    needs = ("data", "decoders")
+    items_of = "recon"
+    nothing = "no held-out images"
 
-    def run(self, ctx: EvalContext) -> TaskResult:
-        why = missing(ctx, "data", "decoders")
-        if why:
-            return TaskResult.skipped(self.name, why)
-        items = ctx.data.recon[:ctx.ecfg.num_samples]
-        if not items:
-            return TaskResult.skipped(self.name, "no held-out images")
-        t0 = time.time()
+    def score(self, ctx: EvalContext, items: list) -> TaskResult:
         scores, table, figures, outputs = {"items": float(len(items))}, [], {}, {}
         for name, decode in ctx.decoders.items():
             outs = []
@@ -56,6 +49,6 @@ class ReconstructionTask:
                     titles.append(name)
             path = image_grid(pics, titles, ctx.out_dir / "reconstruction.png", cols=1 + len(outputs))
             figures["reconstruction (original | decoders)"] = path.name
-        res = TaskResult(self.name, scores=scores, baselines=baselines, figures=figures, seconds=time.time() - t0)
+        res = TaskResult(self.name, scores=scores, baselines=baselines, figures=figures)
         res.tables["per_decoder"] = table
         return res

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from evals.context import EvalContext, TaskResult, missing
+from evals.context import EvalContext, HeldOutTask, TaskResult
 
 
 def _timed(fn, repeats: int):
@@ -27,58 +27,60 @@ def _timed(fn, repeats: int):
     return out, statistics.median(times)
 
 
-class SpeedTask:
+class SpeedTask(HeldOutTask):
     name = "speed"
-    distributed = False
+    nothing = "no prompts to time (held-out vqa/caption/t2i items are empty)"
 
-    def run(self, ctx: EvalContext) -> TaskResult:
-        why = missing(ctx, "model", "specials", "data")
-        if why:
-            return TaskResult.skipped(self.name, why)
-        from training.diffusion.samplers import generate_text
+    def items(self, ctx: EvalContext) -> list:
+        """One text prompt (vqa, else caption) and one t2i item, whichever exist: ("text", GenItem), ("image", T2IItem)."""
+        return [("text", it) for it in (ctx.data.vqa or ctx.data.caption)[:1]] + \
+            [("image", it) for it in ctx.data.t2i[:1]]
 
-        t0 = time.time()
-        d, e = ctx.cfg.diffusion, ctx.ecfg
+    def score(self, ctx: EvalContext, items: list) -> TaskResult:
+        settings = ctx.sampler
         scores: dict[str, float] = {}
-        table = []
-        prompts = [it.prompt for it in (ctx.data.vqa or ctx.data.caption)[:1]]
-        if prompts:
-            # No EOS early stop: every one of gen_length positions is decoded, so the counts are exact.
-            res, secs = _timed(lambda: generate_text(
-                ctx.model, prompts, mask_id=ctx.specials.mask, eos_id=None, gen_length=e.speed_gen_length,
-                block_length=d.sample_block_length, steps=d.sample_steps, threshold=d.sample_threshold,
-                strategy=d.sample_strategy, temperature=d.sample_temperature, device=ctx.device), e.speed_repeats)
-            scores.update({"text/forwards_per_token": res.nfe / e.speed_gen_length,
-                           "text/tokens_per_forward": e.speed_gen_length / res.nfe,
-                           "text/nfe": float(res.nfe), "text/tokens_per_s": e.speed_gen_length / secs,
-                           "text/seconds": secs})
-            table.append({"stage": "text", "nfe": res.nfe, "tokens": e.speed_gen_length,
-                          "tokens_per_forward": round(e.speed_gen_length / res.nfe, 3), "seconds": round(secs, 4)})
-        if ctx.data.t2i:
-            from evals.tasks.t2i import generate_codes
-
-            item = ctx.data.t2i[0]
-            (codes, nfe), secs = _timed(lambda: generate_codes(ctx, item), e.speed_repeats)
-            n_tok = item.grid[0] * item.grid[1]
-            scores.update({"image/nfe": float(nfe), "image/tokens_per_forward": n_tok / nfe,
-                           "image/token_seconds": secs})
-            table.append({"stage": "image tokens", "nfe": nfe, "tokens": n_tok,
-                          "tokens_per_forward": round(n_tok / nfe, 3), "seconds": round(secs, 4)})
-            for name, decode in ctx.decoders.items():
-                _, dsecs = _timed(lambda: decode(codes[None]), e.speed_repeats)
-                scores[f"{name}/decode_seconds"] = dsecs
-                scores[f"{name}/seconds_per_image"] = secs + dsecs
-                table.append({"stage": f"decode ({name})", "nfe": "", "tokens": "", "tokens_per_forward": "",
-                              "seconds": round(dsecs, 4)})
-        if not scores:
-            return TaskResult.skipped(self.name, "no prompts to time (held-out vqa/caption/t2i items are empty)")
+        table: list[dict] = []
+        for kind, item in items:
+            (_time_text if kind == "text" else _time_image)(ctx, item, settings, scores, table)
+        fixed = settings.steps / settings.block_length if settings.steps <= settings.block_length else 1.0
         baselines = {"text/forwards_per_token": 1.0, "text/tokens_per_forward": 1.0,
-                     "fixed_schedule/forwards_per_token": d.sample_steps / d.sample_block_length
-                     if d.sample_steps <= d.sample_block_length else 1.0}
-        res = TaskResult(self.name, scores=scores, baselines=baselines, seconds=time.time() - t0)
+                     "fixed_schedule/forwards_per_token": fixed}
+        res = TaskResult(self.name, scores=scores, baselines=baselines)
         res.tables["stages"] = table
-        res.tables["settings"] = [{"block_length": d.sample_block_length, "steps": d.sample_steps,
-                                   "image_steps": d.sample_image_steps, "threshold": d.sample_threshold,
-                                   "strategy": d.sample_strategy, "device": str(ctx.device),
+        res.tables["settings"] = [{"block_length": settings.block_length, "steps": settings.steps,
+                                   "image_steps": settings.image_steps, "threshold": settings.threshold,
+                                   "strategy": settings.strategy, "device": str(ctx.device),
                                    "threads": torch.get_num_threads()}]
         return res
+
+
+def _time_text(ctx: EvalContext, item, settings, scores: dict, table: list) -> None:
+    from training.diffusion.samplers import generate_text
+
+    e = ctx.ecfg
+    n = e.speed_gen_length
+    # No EOS early stop: every one of gen_length positions is decoded, so the counts are exact.
+    res, secs = _timed(lambda: generate_text(ctx.model, [item.prompt], settings.replace(gen_length=n),
+                                             mask_id=ctx.specials.mask, eos_id=None, device=ctx.device),
+                       e.speed_repeats)
+    scores.update({"text/forwards_per_token": res.nfe / n, "text/tokens_per_forward": n / res.nfe,
+                   "text/nfe": float(res.nfe), "text/tokens_per_s": n / secs, "text/seconds": secs})
+    table.append({"stage": "text", "nfe": res.nfe, "tokens": n, "tokens_per_forward": round(n / res.nfe, 3),
+                  "seconds": round(secs, 4)})
+
+
+def _time_image(ctx: EvalContext, item, settings, scores: dict, table: list) -> None:
+    """Tokens by the t2i task's own sampler call (its guidance scale), then each decoder on them."""
+    from evals.tasks.t2i import generate_codes
+
+    (codes, nfe), secs = _timed(lambda: generate_codes(ctx, item), ctx.ecfg.speed_repeats)
+    n_tok = item.grid[0] * item.grid[1]
+    scores.update({"image/nfe": float(nfe), "image/tokens_per_forward": n_tok / nfe, "image/token_seconds": secs})
+    table.append({"stage": "image tokens", "nfe": nfe, "tokens": n_tok, "tokens_per_forward": round(n_tok / nfe, 3),
+                  "seconds": round(secs, 4)})
+    for name, decode in ctx.decoders.items():
+        _, dsecs = _timed(lambda: decode(codes[None]), ctx.ecfg.speed_repeats)
+        scores[f"{name}/decode_seconds"] = dsecs
+        scores[f"{name}/seconds_per_image"] = secs + dsecs
+        table.append({"stage": f"decode ({name})", "nfe": "", "tokens": "", "tokens_per_forward": "",
+                      "seconds": round(dsecs, 4)})

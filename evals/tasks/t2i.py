@@ -8,11 +8,9 @@ Baselines: `wrong_prompt` = a perfect rendering of another item's scene (a gener
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from evals.context import EvalContext, TaskResult, missing
+from evals.context import EvalContext, HeldOutTask, TaskResult
 from evals.images import CATEGORIES, scene_scores, to_pil
 
 
@@ -26,33 +24,25 @@ def generate_codes(ctx: EvalContext, item) -> tuple[torch.Tensor, int]:
     """VQ code grid [gh, gw] for one item, and the sampler's forward passes."""
     from training.diffusion.samplers import generate_image
 
-    d = ctx.cfg.diffusion
-    scale = d.cfg_scale if ctx.ecfg.t2i_cfg_scale < 0 else ctx.ecfg.t2i_cfg_scale
-    res = generate_image(ctx.model, item.cond, item.uncond if scale != 1.0 else None, item.grid,
-                         mask_id=ctx.specials.mask, image_offset=ctx.image_offset,
-                         codebook_size=int(ctx.cfg.model.vocab_size) - ctx.image_offset, cfg_scale=scale,
-                         cfg_rescale=d.cfg_rescale, steps=d.sample_image_steps, block_length=d.sample_block_length,
-                         threshold=d.sample_threshold, strategy=d.sample_strategy,
-                         temperature=d.sample_temperature, device=ctx.device)
+    settings = ctx.sampler
+    if ctx.ecfg.t2i_cfg_scale >= 0:
+        settings = settings.replace(cfg_scale=ctx.ecfg.t2i_cfg_scale)
+    uncond = item.uncond if settings.cfg_scale != 1.0 else None
+    res = generate_image(ctx.model, item.cond, uncond, item.grid, settings, mask_id=ctx.specials.mask,
+                         image_offset=ctx.image_offset, codebook_size=ctx.codebook_size, device=ctx.device)
     return res.codes[0].cpu(), res.nfe
 
 
-class T2ITask:
+class T2ITask(HeldOutTask):
     name = "t2i"
-    distributed = False
+    needs = ("model", "specials", "data", "decoders")
+    items_of = "t2i"
 
-    def run(self, ctx: EvalContext) -> TaskResult:
-        why = missing(ctx, "model", "specials", "data", "decoders")
-        if why:
-            return TaskResult.skipped(self.name, why)
-        items = ctx.data.t2i[:ctx.ecfg.num_samples]
-        if not items:
-            return TaskResult.skipped(self.name, "no held-out t2i items")
+    def score(self, ctx: EvalContext, items: list) -> TaskResult:
         from tqdm import tqdm
 
         from data_pipeline.shapes import detect, render
 
-        t0 = time.time()
         codes, nfe = [], 0
         for it in tqdm(items, desc="t2i tokens", disable=not (ctx.ecfg.progress and ctx.is_main), leave=False):
             c, n = generate_codes(ctx, it)
@@ -90,7 +80,7 @@ class T2ITask:
         samples = [{"caption": it.caption, "codes_head": c.flatten()[:8].tolist()} for it, c in zip(items[:4], codes)]
         res = TaskResult(self.name, scores=scores, baselines={"wrong_prompt/overall": wrong["overall"],
                                                               "detector_ceiling/overall": ceiling["overall"]},
-                         samples=samples, figures=figures, seconds=time.time() - t0)
+                         samples=samples, figures=figures)
         res.tables["per_category"] = table + [{"decoder": "baseline: wrong prompt",
                                                **{k: round(v, 4) for k, v in wrong.items()}},
                                               {"decoder": "ceiling: ground-truth render",

@@ -9,10 +9,9 @@ caption: word-overlap F1 (bag of words, lower-cased, punctuation stripped) and e
 """
 from __future__ import annotations
 
-import time
 from collections import Counter
 
-from evals.context import EvalContext, TaskResult, missing
+from evals.context import EvalContext, HeldOutTask, TaskResult
 
 
 def words(text: str) -> list[str]:
@@ -34,35 +33,28 @@ def generate_answers(ctx: EvalContext, prompts: list[list[int]], gen_length: int
 
     from training.diffusion.samplers import generate_text
 
-    d, e = ctx.cfg.diffusion, ctx.ecfg
+    e = ctx.ecfg
+    settings = ctx.sampler.replace(gen_length=gen_length)
     texts, nfe = [], 0
     for s in tqdm(range(0, len(prompts), e.batch_size), desc=desc, disable=not (e.progress and ctx.is_main),
                   leave=False):
-        res = generate_text(ctx.model, prompts[s:s + e.batch_size], mask_id=ctx.specials.mask,
-                            eos_id=ctx.specials.eos, gen_length=gen_length, block_length=d.sample_block_length,
-                            steps=d.sample_steps, threshold=d.sample_threshold, strategy=d.sample_strategy,
-                            temperature=d.sample_temperature, device=ctx.device)
+        res = generate_text(ctx.model, prompts[s:s + e.batch_size], settings, mask_id=ctx.specials.mask,
+                            eos_id=ctx.specials.eos, device=ctx.device)
         nfe += res.nfe
         for row, n in zip(res.tokens.cpu(), res.lengths.cpu()):
             texts.append(ctx.tokenizer.decode(row[:int(n)].tolist()).strip())
     return texts, nfe
 
 
-class VQATask:
+class VQATask(HeldOutTask):
     name = "vqa"
-    distributed = False
+    needs = ("model", "specials", "tokenizer", "data")
+    items_of = "vqa"
 
-    def run(self, ctx: EvalContext) -> TaskResult:
-        why = missing(ctx, "model", "specials", "tokenizer", "data")
-        if why:
-            return TaskResult.skipped(self.name, why)
-        items = ctx.data.vqa[:ctx.ecfg.num_samples]
-        if not items:
-            return TaskResult.skipped(self.name, "no held-out vqa items")
+    def score(self, ctx: EvalContext, items: list) -> TaskResult:
         from data_pipeline.shapes import score_answer
         from evals.heldout import answer_set
 
-        t0 = time.time()
         answers, nfe = generate_answers(ctx, [it.prompt for it in items], ctx.ecfg.vqa_gen_length, "vqa")
         hits = [score_answer(it.reference, a) for it, a in zip(items, answers)]
         by_type: dict[str, list[int]] = {}
@@ -83,24 +75,17 @@ class VQATask:
         samples = [{"question": it.question, "expected": it.reference, "generated": a, "correct": bool(h),
                     "qtype": it.qtype} for it, a, h in list(zip(items, answers, hits))[:8]]
         res = TaskResult(self.name, scores={"accuracy": sum(hits) / n, "items": float(n), "nfe": float(nfe)},
-                         baselines={"accuracy": chance_sum / n, "answer_prior": prior_sum / n}, samples=samples,
-                         seconds=time.time() - t0)
+                         baselines={"accuracy": chance_sum / n, "answer_prior": prior_sum / n}, samples=samples)
         res.tables["per_type"] = table
         return res
 
 
-class CaptionTask:
+class CaptionTask(HeldOutTask):
     name = "caption"
-    distributed = False
+    needs = ("model", "specials", "tokenizer", "data")
+    items_of = "caption"
 
-    def run(self, ctx: EvalContext) -> TaskResult:
-        why = missing(ctx, "model", "specials", "tokenizer", "data")
-        if why:
-            return TaskResult.skipped(self.name, why)
-        items = ctx.data.caption[:ctx.ecfg.num_samples]
-        if not items:
-            return TaskResult.skipped(self.name, "no held-out caption items")
-        t0 = time.time()
+    def score(self, ctx: EvalContext, items: list) -> TaskResult:
         caps, nfe = generate_answers(ctx, [it.prompt for it in items], ctx.ecfg.caption_gen_length, "caption")
         f1 = [overlap_f1(it.reference, c) for it, c in zip(items, caps)]
         exact = [words(it.reference) == words(c) for it, c in zip(items, caps)]
@@ -111,5 +96,4 @@ class CaptionTask:
                    for it, c, f in list(zip(items, caps, f1))[:8]]
         return TaskResult(self.name, scores={"f1": sum(f1) / n, "exact": sum(exact) / n, "items": float(n),
                                              "nfe": float(nfe)},
-                          baselines={"f1": sum(shifted) / len(shifted), "exact": 0.0}, samples=samples,
-                          seconds=time.time() - t0)
+                          baselines={"f1": sum(shifted) / len(shifted), "exact": 0.0}, samples=samples)
