@@ -164,3 +164,44 @@ def test_elastic_resume_continues_the_global_sample_order(tmp_path):
         for step, (loss, gnorm) in whole.items():
             assert got[step][0] == pytest.approx(loss, rel=1e-5), (name, step)
             assert got[step][1] == pytest.approx(gnorm, rel=1e-4), (name, step)
+
+
+# ---- the same loop under megatron-core and DeepSpeed ---------------------------------------------------------------
+def _engine_train(rank, world, tmp_path, name, engine, extra, poison_from=None):
+    if poison_from is not None:  # a non-finite loss on rank 1 only: every rank must skip the same steps
+        import training.diffusion as diffusion
+        real = diffusion.diffusion_loss
+
+        def poisoned(model, batch, cfg, step, specials, generator=None, **kw):
+            loss, metrics = real(model, batch, cfg, step, specials, generator, **kw)
+            return (loss * float("nan") if step >= poison_from and rank == 1 else loss), metrics
+
+        diffusion.diffusion_loss = poisoned
+    cfg = _cfg(tmp_path, name, f"train.engine={engine}", "parallel.expert=2", "train.steps=6", *extra)
+    try:
+        _train(cfg)
+    except FloatingPointError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+def test_trainer_under_engine_resumes_exactly_and_guards_non_finite(tmp_path, engine):
+    """The trainer's invariants on the other engines (EP=2 on 2 gloo ranks): stop after 3 steps + resume equals
+    the uninterrupted run exactly, the metrics went to wandb (offline, read back), and a NaN on one rank only makes
+    every rank skip the same steps and stop together with the guard's message."""
+    run_distributed(_engine_train, 2, tmp_path, "whole", engine, ["tracking.wandb=offline"], timeout=400)
+    run_distributed(_engine_train, 2, tmp_path, "split", engine, ["tracking.wandb=disabled", "train.stop_after=3"],
+                    timeout=400)
+    assert sorted(_losses(tmp_path / "split")) == [0, 1, 2]
+    run_distributed(_engine_train, 2, tmp_path, "split", engine, ["tracking.wandb=disabled"], timeout=400)
+    whole = _losses(tmp_path / "whole")
+    assert sorted(whole) == list(range(6)) and _losses(tmp_path / "split") == whole
+    history = {int(h["_step"]): h["loss"] for h in read_wandb_history(tmp_path / "whole")}
+    assert history == pytest.approx({s: loss for s, (loss, _) in whole.items()})
+    out = run_distributed(_engine_train, 2, tmp_path, "nan", engine,
+                          ["tracking.wandb=disabled", "train.max_consecutive_nonfinite=2"], poison_from=2, timeout=400)
+    assert out[0] == out[1] and "2 consecutive steps" in out[0] and "(last at step 3)" in out[0], out
+    rows = read_metrics(tmp_path / "nan")
+    assert [r["skipped"] for r in rows] == [0, 0, 1, 1]
