@@ -90,7 +90,9 @@ class DataConfig:
     datasets: dict[str, float] = field(default_factory=dict)  # name -> mixing weight; token_dir/<split> sub-datasets;
     # empty: every dataset in the manifest, weighted by its size
     split: str = "train"  # which split the training loader reads
-    pad_to_block: bool = True  # pad each document with maskable EOS to a multiple of the block size (if given)
+    # pad each document with maskable EOS to a multiple of every block size of diffusion.block_schedule (their
+    # lcm), so no block straddles two documents (LLaDA2.0); costs the padding tokens
+    pad_to_block: bool = False
     drop_too_long: bool = True  # documents with an image longer than seq_len are dropped (counted); False: error
 
     def validate(self, root) -> None:

@@ -302,6 +302,7 @@ def build_loader(cfg_data, seq_len: int, micro_batch_size: int, dp_rank: int, dp
     """cfg_data: the `data` section (or the root Config: then synthetic mode takes the vocab from `model`)."""
     root = cfg_data if hasattr(cfg_data, "data") else None
     dcfg = root.data if root is not None else cfg_data
+    block_size = block_size if dcfg.pad_to_block else None
     if dcfg.synthetic:
         if root is not None:
             V, off = root.model.vocab_size, root.model.image_token_offset

@@ -38,6 +38,7 @@ def small_cfg(base: Path) -> DataConfig:
     d.image_tokenizer.path = str(base / "image_tokenizer")
     d.image_tokenizer.kmeans_iters = 8
     d.pretokenize_workers = 1
+    d.pad_to_block = True  # the loader tests pass a block size and check the alignment
     return d
 
 

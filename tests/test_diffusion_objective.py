@@ -345,3 +345,11 @@ def test_token_normalisation_is_over_the_global_batch():
         assert got["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4), name
         for k, v in whole["state"].items():
             torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
+
+
+
+def test_pad_multiple_is_the_lcm_of_the_schedules_block_sizes():
+    from training.diffusion.schedule import pad_multiple
+    assert pad_multiple([[0, 1], [10, 4], [20, 32], [30, 0], [40, 64]], 4096) == 64
+    assert pad_multiple([[0, 16], [4, 0]], 64) == 16
+    assert pad_multiple([[0, 0]], 128) is None and pad_multiple([[0, 64]], 64) is None  # MDLM only

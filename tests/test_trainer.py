@@ -205,3 +205,25 @@ def test_trainer_under_engine_resumes_exactly_and_guards_non_finite(tmp_path, en
     assert out[0] == out[1] and "2 consecutive steps" in out[0] and "(last at step 3)" in out[0], out
     rows = read_metrics(tmp_path / "nan")
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("pad", [True, False])
+def test_pad_to_block_reaches_the_training_loader(tmp_path, monkeypatch, pad):
+    """data.pad_to_block did nothing in training (the trainer passed no block size to the loader): now every
+    document of a training batch spans whole blocks of the schedule's sizes (16 here), or not when it is off."""
+    import data_pipeline.loader as loader_mod
+    made = []
+
+    def recording(*a, **kw):
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    real = loader_mod.build_loader
+    monkeypatch.setattr(loader_mod, "build_loader", recording)
+    _train(_cfg(tmp_path, f"pad{pad}", "tracking.wandb=disabled", "train.steps=1", f"data.pad_to_block={pad}"))
+    batch = made[0].make_batch(0, 0)
+    spans = [int((batch["doc_ids"][r] == d).sum()) for r in range(batch["doc_ids"].shape[0])
+             for d in batch["doc_ids"][r].unique().tolist() if d >= 0]
+    assert made[0].block_size == (16 if pad else None)
+    assert all(n % 16 == 0 for n in spans) == pad, spans

@@ -24,6 +24,7 @@ import torch
 
 from training import accelerator
 from training.config import Config, save_config
+from training.diffusion.schedule import pad_multiple
 
 
 def lr_at(step: int, cfg) -> float:
@@ -175,6 +176,7 @@ def train(cfg: Config) -> dict:
     accum = engine.global_batch_accum()  # micro-batches per optimizer step on each rank
     loader = build_loader(cfg, seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                           dp_rank=w.dp_rank, dp_size=w.dp_size, seed=cfg.train.seed,
+                          block_size=pad_multiple(cfg.diffusion.block_schedule, cfg.train.seq_len),
                           global_batch_size=cfg.train.global_batch_size)
     batches = iter(loader)
 

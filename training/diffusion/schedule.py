@@ -37,3 +37,15 @@ def block_size_at(schedule, step: int, seq_len: int) -> int:
         else:
             break
     return seq_len if size == 0 or size >= seq_len else size
+
+
+def pad_multiple(schedule, seq_len: int) -> int | None:
+    """What documents are padded to a multiple of (data.pad_to_block) so that no block of any size the schedule
+    uses straddles two documents: the least common multiple of its block sizes below seq_len (None: MDLM only)."""
+    import math
+
+    sizes = [int(b) for _, b in schedule if 0 < int(b) < seq_len]
+    if not sizes:
+        return None
+    lcm = math.lcm(*sizes)
+    return lcm if lcm < seq_len else None
