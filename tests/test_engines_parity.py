@@ -1,7 +1,9 @@
 """Parity of every engine and layout against an independent single-process reference (real gloo processes).
 
 Same weights (seeded per parameter name, so any layout materialises identical shards), same global batch, same
-loss: the per-step loss, the global grad norm and the weights after two AdamW steps must match the reference.
+loss: the per-step loss, the global grad norm and the weights after the steps must match the reference. Each run
+takes one step of the block-diffusion objective (the same masks in every layout; under TP the vocab-parallel LM head
+and cross entropy), then two steps of a plain cross entropy on the full logits, in the same processes.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 import pytest
 
 from tests.dist_helpers import run_distributed
-from tests.engine_cases import make_cfg, reference, run_engine_steps
+from tests.engine_cases import make_cfg, reference, run_engine_diffusion_step, run_engine_steps
 
 pytestmark = pytest.mark.dist
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -22,7 +24,7 @@ _refs = {}
 
 def _reference(extra):
     if extra not in _refs:
-        _refs[extra] = reference(make_cfg(extra=extra))
+        _refs[extra] = reference(make_cfg(extra=extra), steps=2, diffusion=True)
     return _refs[extra]
 
 
@@ -42,9 +44,33 @@ def _train(rank, world, engine, tp, ep, sp, zero, extra, etp):
     # real expert (tensor) parallelism: this rank holds only its box of the fused experts [E, I, H]
     e = eng.unwrap().moe_layers()[0].experts.gate_proj
     assert tuple(e.shape[:2]) == (cfg.model.num_experts // ep, cfg.model.moe_intermediate_size // etp)
+    megatron_ce = _megatron_cross_entropy_agrees(w) if engine == "megatron" and tp > 1 else 0.0
+    diff = run_engine_diffusion_step(eng, cfg)  # step 1: the diffusion objective; steps 2-3: plain CE
     out = run_engine_steps(eng, cfg)
+    out["loss"].insert(0, diff["loss"])
+    out["grad_norm"].insert(0, diff["grad_norm"])
+    out["correct"], out["megatron_ce"] = [diff["correct"]], megatron_ce
     out["state"] = eng.full_state_dict()
     return out
+
+
+def _megatron_cross_entropy_agrees(w) -> float:
+    """Largest difference between megatron-core's vocab_parallel_cross_entropy and the engines' vocab-parallel CE
+    (training/engines/vocab_parallel.py) on this TP rank's slice of the same logits: loss and logit gradient."""
+    import torch
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from training.engines.vocab_parallel import _VocabParallelCE
+    g = torch.Generator().manual_seed(1)
+    vocab, n = 24, 9
+    full = torch.randn(n, vocab, generator=g) * 3.0
+    target, coef = torch.randint(0, vocab, (n,), generator=g), torch.rand(n, generator=g)
+    per = vocab // w.tp_size
+    theirs, ours = (full[:, w.tp_rank * per:(w.tp_rank + 1) * per].clone().requires_grad_() for _ in range(2))
+    ce_theirs = vocab_parallel_cross_entropy(theirs.clone(), target)  # (it works in place on its input)
+    ce_ours = _VocabParallelCE.apply(ours, target, w.tp_rank * per, w.tp_group, False)[0]
+    (coef * ce_theirs).sum().backward()
+    (coef * ce_ours).sum().backward()
+    return max(float((ce_theirs - ce_ours).abs().max()), float((theirs.grad - ours.grad).abs().max()))
 
 
 CASES = [
@@ -74,11 +100,13 @@ def test_engine_matches_single_process(engine, world, tp, ep, sp, zero, etp):
     extra = ("model.aux_loss_coeff=0",) if sp else ()
     ref = _reference(extra)
     res = run_distributed(_train, world, engine, tp, ep, sp, zero, extra, etp, timeout=240)
-    for r in res:  # every rank reports the same global loss and grad norm
+    for r in res:  # every rank reports the same global loss, grad norm and masked predictions right
         assert r["loss"] == pytest.approx(ref["loss"], rel=LOSS_TOL)
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=NORM_TOL)
+        assert r["correct"] == ref["correct"]
+        assert r["megatron_ce"] < 1e-6
     state = res[0]["state"]
     assert set(state) == set(ref["state"])
     worst = max((float((state[k] - ref["state"][k]).abs().max()), k) for k in ref["state"])
-    assert worst[0] < STATE_TOL, f"weights after 2 steps differ most in {worst[1]}: {worst[0]}"
+    assert worst[0] < STATE_TOL, f"weights after 1 diffusion + 2 CE steps differ most in {worst[1]}: {worst[0]}"
     assert all(r["state"] is None for r in res[1:])

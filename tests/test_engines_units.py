@@ -1,5 +1,5 @@
 """Engine pieces: layout validation, the reshardable shard format, non-finite steps, the EP dispatcher when a rank
-receives no tokens."""
+receives no tokens, the vocab-parallel LM head and cross-entropy."""
 from __future__ import annotations
 
 import os
@@ -185,3 +185,61 @@ def test_ep_dispatch_when_one_rank_gets_no_tokens():
         assert out_err < 1e-5 and dx_err < 1e-5
     assert all(g > 0 for g in res[0][2])  # rank 0 holds the used experts
     assert res[1][2] == [0.0, 0.0, 0.0]  # rank 1 got no tokens: zero (not missing) grads
+
+
+# ---- vocab-parallel LM head: the loss's cross-entropy, argmax and entropy from [N, V/tp] logits -------------
+
+def _vocab_parallel(rank, world):
+    import torch.distributed as dist
+    from tests.dist_helpers import init_gloo
+    from training.diffusion.objective import _head_ce, masked_head_ce
+    from training.engines.tensor_parallel import TorchTPComm
+    from training.engines.vocab_parallel import VocabParallelHead
+    init_gloo()
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden_size, n = 24, 8, 11
+    w = torch.randn(vocab, hidden_size, generator=g) * 2.0  # sharp enough that entropies and argmaxes differ
+    w[15] = w[3] = w[3] * 4.0  # ids 3 and 15 (one on each rank) tie for the maximum on some rows
+    h = torch.randn(n, hidden_size, generator=g)
+    full = h @ w.T
+    target = torch.randint(0, vocab, (n,), generator=g)
+    target[:4] = full[:4].argmax(-1)  # right predictions, so the entropy's CAP weight is not all zero
+    tie = int((full[:, 3] == full.max(-1).values).nonzero()[-1])
+    target[tie] = 15  # as large as id 3, the first maximum: not right (torch.argmax returns the first)
+    coef = torch.rand(n, generator=g)
+
+    def loss_of(ce, correct, ent):
+        return (coef * ce).sum() + 2.0 * (ent * correct).sum()
+
+    wr, hr = w.clone().requires_grad_(), h.clone().requires_grad_()
+    ref = _head_ce(wr, hr, target, True)
+    loss_of(*ref).backward()
+    per = vocab // world
+    rows = slice(rank * per, (rank + 1) * per)
+    head = VocabParallelHead(w[rows].clone(), TorchTPComm(dist.group.WORLD), rank * per)
+    hv = h.clone().requires_grad_()
+    got = masked_head_ce(head, hv, target, chunk=4, with_entropy=True)  # 3 chunks, recomputed in the backward
+    loss_of(*got).backward()
+    out = {"ce": float((got[0] - ref[0]).abs().max()), "correct": torch.equal(got[1], ref[1]),
+           "n_correct": int(ref[1].sum()), "tie_right": bool(got[1][tie]),
+           "entropy": float((got[2] - ref[2]).abs().max()), "dh": float((hv.grad - hr.grad).abs().max()),
+           "dw": float((head.weight.grad - wr.grad[rows]).abs().max()),
+           "logits": float((head(h) - full).abs().max())}
+    empty = masked_head_ce(head, hv[:0], target[:0], chunk=4, with_entropy=True)  # no masked row: still a graph
+    (empty[0].sum() + (empty[2] * empty[1]).sum()).backward()
+    out["empty"] = [tuple(t.shape) for t in empty]
+    return out
+
+
+@pytest.mark.dist
+def test_vocab_parallel_head_equals_full_logits():
+    """TP=2 with the head split by vocab rows: CE, argmax == target (ties resolved to the first id, as torch.argmax)
+    and entropy equal the full-logit path, and so do the gradients of hidden rows and weight; the full logits come
+    back through forward; no masked row is a valid (empty) graph. (Against megatron-core's own
+    vocab_parallel_cross_entropy: test_engines_parity, in the megatron TP runs.)"""
+    import torch._dynamo  # noqa: F401  (non-reentrant checkpoint imports it, ~4 s: once here, not in every rank)
+    for r in run_distributed(_vocab_parallel, 2):
+        assert r["correct"] and r["n_correct"] >= 4 and not r["tie_right"]
+        for key in ("ce", "entropy", "dh", "dw", "logits"):
+            assert r[key] < 1e-5, (key, r[key])
+        assert r["empty"] == [(0,), (0,), (0,)]

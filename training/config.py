@@ -106,6 +106,9 @@ class ParallelConfig:
                f"divisible by parallel.tensor={self.tensor}")
         _check(m.num_key_value_heads % self.tensor == 0, "model.num_key_value_heads", m.num_key_value_heads,
                f"divisible by parallel.tensor={self.tensor}")
+        if not m.tie_word_embeddings:  # the LM head is split by vocab rows under TP (engines/vocab_parallel.py)
+            _check(m.vocab_size % self.tensor == 0, "model.vocab_size", m.vocab_size,
+                   f"divisible by parallel.tensor={self.tensor} (pad the vocabulary)")
         _check(m.num_experts % self.expert == 0, "model.num_experts", m.num_experts,
                f"divisible by parallel.expert={self.expert}")
         _check(m.moe_intermediate_size % self.expert_tensor == 0, "model.moe_intermediate_size",

@@ -64,7 +64,7 @@ def _noise(batch: dict, cfg, block_size: int, mask_id: int, generator):
 
 
 def _head_ce(weight, hidden: torch.Tensor, target: torch.Tensor, with_entropy: bool):
-    logits = F.linear(hidden, weight).float()  # the LM head (bias-free, replicated); a plain op, not a module call
+    logits = F.linear(hidden, weight).float()  # the LM head (bias-free, full vocab); a plain op, not a module call
     ce = F.cross_entropy(logits, target, reduction="none")
     correct = logits.argmax(-1) == target
     if not with_entropy:
@@ -76,10 +76,12 @@ def _head_ce(weight, hidden: torch.Tensor, target: torch.Tensor, with_entropy: b
 def masked_head_ce(head, hidden: torch.Tensor, target: torch.Tensor, chunk: int, with_entropy: bool = False):
     """Cross-entropy of the LM head at the selected rows hidden [N, H] -> (ce [N], argmax == target [N], predictive
     entropy [N] if asked), `chunk` rows at a time. Each chunk's fp32 logits are freed after its forward and
-    recomputed in the backward (activation checkpointing), so the head's peak is chunk x V, not N x V."""
-    w = head.weight
-    pieces = [_head_ce(w, hidden, target, with_entropy)] if hidden.shape[0] <= chunk or not torch.is_grad_enabled() \
-        else [checkpoint(_head_ce, w, h, tt, with_entropy, use_reentrant=False)
+    recomputed in the backward (activation checkpointing), so the head's peak is chunk x V, not N x V.
+    A head split by vocab rows under tensor parallelism (engines/vocab_parallel.py) brings its own per-chunk
+    function with the same results (chunk x V/tp logits per rank, statistics combined over the TP group)."""
+    w, head_ce = head.weight, getattr(head, "chunk_ce", _head_ce)
+    pieces = [head_ce(w, hidden, target, with_entropy)] if hidden.shape[0] <= chunk or not torch.is_grad_enabled() \
+        else [checkpoint(head_ce, w, h, tt, with_entropy, use_reentrant=False)
               for h, tt in zip(hidden.split(chunk), target.split(chunk))]
     ce, correct, entropy = (torch.cat(parts) for parts in zip(*pieces))
     return ce, correct, entropy

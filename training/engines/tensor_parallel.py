@@ -4,7 +4,8 @@ What is split over the TP group (column = output rows, row = input columns):
     attention.query_key_value  column, this rank's heads: [q_local | k_local | v_local] (three pieces of [q|k|v])
     attention.dense            row
     dense MLP gate/up, down    column, row
-Replicated: embeddings, lm_head, norms, q/k head norms, router, shared expert, (routed experts: expert_parallel.py).
+    lm_head                    vocab rows, with the vocab-parallel cross-entropy (vocab_parallel.py)
+Replicated: embeddings, norms, q/k head norms, router, shared expert, (routed experts: expert_parallel.py).
 Attention derives its local head counts from its weight, so the sharded module runs unchanged.
 
 The MoE block sees the same tokens on every TP rank; before routing, each TP rank keeps 1/tp of them (whole
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.engines.sharding import ShardSpec
+from training.engines.vocab_parallel import shard_lm_head
 
 
 # ---- torch-native autograd collectives over one process group (gloo or nccl) ---------------------------------
@@ -243,13 +245,26 @@ def apply_tensor_parallel(model, specs: dict[str, ShardSpec], tp_rank: int, tp_s
             _column(layer.mlp, "up_proj", f"{p}.mlp.up_proj", specs, [inter], tp_rank, tp_size, comm, sp)
             _row(layer.mlp, "down_proj", f"{p}.mlp.down_proj", specs, tp_rank, tp_size, comm, sp)
             layer.mlp.register_forward_pre_hook(_enter_tp_region(comm, sp))
+    shard_lm_head(model, specs, tp_rank, tp_size, comm)
     if sp:
         specs["model.norm.weight"].tp_partial = True
         # Sequence shards between the embedding and the head: split before the first block, gather before lm_head.
-        model.model.layers[0].register_forward_pre_hook(
-            lambda mod, args: (comm.scatter(args[0], 1),) + tuple(args[1:]))
-        # after the final norm (position-wise), so the logits and the hidden states the loss takes are both whole
+        model.model.layers[0].register_forward_pre_hook(_sequence_split(comm, tp_size))
+        # after the final norm (position-wise), so the logits and the hidden states the loss takes are both whole:
+        # logits_to_keep and the loss's masked selection index full sequences (x_t || x_0: the x_t half)
         model.model.norm.register_forward_hook(lambda mod, args, out: comm.gather(out, 1))
+
+
+def _sequence_split(comm, tp_size: int):
+    """Pre-hook of the first block under SP: this rank's 1/tp of the positions (equal shards: the gathers assume
+    them)."""
+    def hook(module, args):
+        length = args[0].shape[1]
+        if length % tp_size:
+            raise ValueError(f"sequence parallel needs the forward's length ({length}; x_t || x_0 doubles "
+                             f"train.seq_len) divisible by parallel.tensor={tp_size}")
+        return (comm.scatter(args[0], 1),) + tuple(args[1:])
+    return hook
 
 
 def _enter_tp_region(comm, sp: bool):
