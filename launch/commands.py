@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from pathlib import Path
 
@@ -80,6 +81,25 @@ def cmd_train(cfg, args) -> int:
     # default then), or the batch script sees a failed rank and does not requeue.
     for s in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    return 0
+
+
+def cmd_train_decoder(cfg, args) -> int:
+    from training.config import save_config
+    from training.decoder.train import train_decoder
+
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: the process group starts inside the stage
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    train_decoder(cfg)
+    return 0
+
+
+def cmd_distill(cfg, args) -> int:
+    from training.config import save_config
+    from training.decoder.train import distill
+
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    distill(cfg)
     return 0
 
 

@@ -5,11 +5,9 @@ The engine (native torch, or DeepSpeed ZeRO data parallel) only changes how back
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib
 import itertools
-import json
 import math
 import os
 import sys
@@ -21,7 +19,6 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from training.config import save_config
 from training.decoder import checkpoint
 from training.decoder.decode import decoder_meta, load_decoder
 from training.decoder.distill import TrajectoryPool, distill_loss, trajectory_loss
@@ -31,25 +28,10 @@ from training.decoder.pairs import batches, decoder_pairs
 from training.decoder.release import load_weights
 from training.decoder.sigvq import TokenDecoder
 from training import accelerator
-
-LogFn = Callable[[int, dict], None]
-
+from training.tracking import Tracker
 
 def build_decoder(dcfg) -> TokenDecoder:
     return TokenDecoder(dcfg)
-
-
-def jsonl_logger(path: Path, wandb_run=None) -> LogFn:
-    """The tiny logging interface: log(step, metrics) -> metrics.jsonl (+ wandb when a run object is given)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(step: int, metrics: dict) -> None:
-        with path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if wandb_run is not None:
-            wandb_run.log(metrics, step=step)
-
-    return log
 
 
 def _lr_lambda(warmup: int, total: int, floor: float) -> Callable[[int], float]:
@@ -158,7 +140,7 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple[Path, TokenDecoder]:
+def train_decoder(cfg, progress: bool = True) -> tuple[Path, TokenDecoder]:
     """Train the flow-matching teacher; returns its checkpoint dir (<run_dir>/decoder/checkpoints) and the model."""
     d = cfg.decoder
     torch.manual_seed(d.seed)
@@ -186,8 +168,7 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
         if stepper.engine_name == "deepspeed" and mine.get("optimizer") is None:
             for _ in range(start):  # a checkpoint without this rank's optimizer state: the schedule still resumes
                 stepper.sched.step()
-    if log is None and rank == 0:
-        log = jsonl_logger(out / "metrics.jsonl")
+    tracker = Tracker(cfg, out, enabled=rank == 0, job_type="train-decoder")  # its own wandb run id, kept on resume
     latent = build_latent(d)
     # the pairs a resumed run has already trained on are skipped: it continues the uninterrupted data order
     data = batches(itertools.islice(decoder_pairs(d, "train", rank, world, cfg.data), start * d.batch_size, None),
@@ -202,8 +183,9 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
         gnorm = stepper.step(loss)
         ema.update(module)
         loss_v = float(loss.detach())
-        if log is not None and (step + 1) % d.log_every == 0:
-            log(step + 1, {"decoder/loss": loss_v, "decoder/lr": stepper.lr(), "decoder/grad_norm": gnorm})
+        if (step + 1) % d.log_every == 0:
+            tracker.log(step + 1, {"decoder/loss": loss_v, "decoder/lr": stepper.lr(), "decoder/grad_norm": gnorm},
+                        console=False)
         bar.set_postfix(loss=f"{loss_v:.4f}")
         last = step + 1 == d.train_steps
         if last or (d.save_every and (step + 1) % d.save_every == 0):  # collective
@@ -211,6 +193,7 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
                 "model": module.state_dict(), "ema": ema.shadow, "optimizer": stepper.optimizer_state(),
                 "per_rank": {"generator": gen.get_state(), "optimizer": stepper.rank_optimizer_state()},
                 "meta": decoder_meta(d, "euler", d.steps)}, keep_last=d.keep_last)
+    tracker.close()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:
@@ -219,7 +202,7 @@ def train_decoder(cfg, log: LogFn | None = None, progress: bool = True) -> tuple
     return ckpt_dir, module
 
 
-def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
+def distill(cfg, progress: bool = True) -> Path:
     """Turn the teacher into a `distill.steps`-step turbo student; returns its checkpoint dir."""
     d, dc = cfg.decoder, cfg.distill
     torch.manual_seed(dc.seed)
@@ -232,7 +215,7 @@ def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
     ckpt_dir = out / "checkpoints"
     stepper = _Stepper(student, dc.lr, dc.weight_decay, dc.grad_clip, lambda s: 1.0)
     ema = EMA(student, dc.ema_decay)
-    log = log or jsonl_logger(out / "metrics.jsonl")
+    tracker = Tracker(cfg, out, job_type="distill")
     latent = build_latent(tcfg)
     gen = torch.Generator().manual_seed(dc.seed)
     data = batches(decoder_pairs(tcfg, "train", 0, 1, cfg.data), dc.batch_size)
@@ -268,43 +251,14 @@ def distill(cfg, log: LogFn | None = None, progress: bool = True) -> Path:
         ema.update(student)
         loss_v = float(loss.detach())
         if (step + 1) % dc.log_every == 0:
-            log(step + 1, {"distill/loss": loss_v, "distill/grad_norm": gnorm})
+            tracker.log(step + 1, {"distill/loss": loss_v, "distill/grad_norm": gnorm}, console=False)
         bar.set_postfix(loss=f"{loss_v:.4f}")
         if (step + 1 == dc.train_steps) or (dc.save_every and (step + 1) % dc.save_every == 0):
             meta = decoder_meta(tcfg, "turbo", dc.steps, {"distill": asdict(dc), "teacher": str(teacher_src)})
             checkpoint.save(ckpt_dir, step + 1, {"model": student.state_dict(), "ema": ema.shadow, "meta": meta,
                                                  "optimizer": stepper.optimizer_state(), "generator": gen.get_state()},
                             keep_last=dc.keep_last)
+    tracker.close()
     print(f"distill[{dc.method}]: {dc.train_steps - start} steps in {time.time() - t0:.1f}s, final loss {loss_v:.4f}, "
           f"{dc.steps}-step student at {ckpt_dir}")
     return ckpt_dir
-
-
-def _tracker(cfg, section: str) -> LogFn | None:
-    """metrics.jsonl + wandb (offline by default) for the CLI; the lead swaps this for the shared tracker."""
-    out = Path(cfg.run_dir) / section
-    run = None
-    if cfg.tracking.wandb != "disabled":
-        try:
-            import wandb
-
-            os.environ.setdefault("WANDB_MODE", cfg.tracking.wandb)
-            run = wandb.init(project=cfg.tracking.project, name=f"{cfg.run.name}-{section}", dir=str(out),
-                             config={"decoder": asdict(cfg.decoder), "distill": asdict(cfg.distill)}, reinit=True)
-        except Exception as e:  # tracking must never stop training
-            print(f"wandb unavailable ({e}); logging to metrics.jsonl only")
-    return jsonl_logger(out / "metrics.jsonl", run)
-
-
-def cmd_train_decoder(cfg, args: argparse.Namespace) -> int:
-    rank, _ = _rank_world()
-    if rank == 0:
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-    train_decoder(cfg, log=_tracker(cfg, "decoder") if rank == 0 else None)
-    return 0
-
-
-def cmd_distill(cfg, args: argparse.Namespace) -> int:
-    save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-    distill(cfg, log=_tracker(cfg, "distill"))
-    return 0
