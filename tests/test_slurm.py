@@ -1,5 +1,6 @@
 """`unidiff launch slurm` against a real SLURM (slurmctld + two slurmd, emulated nodes n1/n2, started by
-tests/slurm_cluster.py), plus rendering and error checks that need no cluster.
+tests/slurm_cluster.py), plus rendering and error checks that need no cluster. The real trainer as a SLURM job
+(preemption, chained requeues, external requeue) is in tests/test_slurm_train.py.
 
 All pytest-xdist workers of a run share one cluster (tests/slurm_cluster.py counts its users); the xdist_group
 mark below keeps the slurm tests on one worker where `--dist loadgroup` groups (it does not with pytest 9.2 +
@@ -7,64 +8,22 @@ xdist 3.8: xdist renames `item._nodeid`, which pytest 9 no longer reads).
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
-import os
-import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from launch.config import LaunchConfig, time_limit_seconds
 from launch.layout import check_world
 from launch.slurm import LaunchError, launch_slurm, render_array_scripts
-from tests.slurm_cluster import reserve_ports, slurm_cluster  # noqa: F401  (session fixture: the real cluster)
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: the real cluster)
+from tests.slurm_jobs import FINAL, TINY, job_logs, launch_args, master_port, slurm_env  # noqa: F401
 from training.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/model/tiny.yaml"
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 pytestmark = pytest.mark.xdist_group("slurm")
-
-
-def launch_args(**kw) -> argparse.Namespace:
-    """The namespace the CLI builds for `launch slurm` (every flag left out = None)."""
-    base = {"words": [], "nodes": None, "gpus_per_node": None, "nproc": None, "cpus_per_task": None, "mem": None,
-            "time": None, "partition": None, "account": None, "qos": None, "constraint": None, "env": [],
-            "signal_lead": None, "command": "train", "array": False, "shards_per_task": None, "dry_run": False}
-    return argparse.Namespace(**{**base, **kw})
-
-
-def master_port() -> str:
-    """The launch.master_port override for a test job whose ranks rendezvous. The default (0) has the head node's
-    batch shell bind port 0, close it and let rank 0 bind it later: a race against anything that binds port 0
-    meanwhile, and here the "nodes" are this machine, where other tests (xdist workers) do just that. A port
-    outside the ephemeral range, claimed for this process (tests/slurm_cluster.reserve_ports), cannot be taken in
-    between. A requeued segment binds it again: the TCPStore server sets SO_REUSEADDR, so the previous segment's
-    TIME_WAIT connections do not block it (measured)."""
-    return f"launch.master_port={reserve_ports(1)[0]}"
-
-
-def job_logs(run_dir: Path) -> str:
-    out = []
-    for f in sorted((run_dir / "slurm").glob("*.out")) + sorted((run_dir / "slurm").glob("*.log")):
-        out.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:]))
-    return "\n".join(out)
-
-
-@pytest.fixture
-def slurm_env(slurm_cluster, monkeypatch):  # noqa: F811
-    """Client commands (sbatch/sinfo from launch.slurm) talk to the test cluster; ranks use loopback for gloo."""
-    for k in ("SLURM_CONF", "PATH"):
-        monkeypatch.setenv(k, slurm_cluster.env[k])
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return slurm_cluster
 
 
 # ------------------------------------------------------------------------------------------- no cluster needed
@@ -235,86 +194,6 @@ def test_time_limit_signal_saves_requeues_and_resumes(slurm_env, tmp_path):
     for r in rows:
         x = x - 0.01 * sum(k + 1 for k in range(world)) * x
         assert r["loss"] == pytest.approx(x * x, rel=1e-12)
-
-
-STEPS = 20  # tiny model, ~0.3 s per step on 2 cores: the signal lands mid-run
-
-
-def _train_overrides(base: Path, name: str, steps: int) -> list[str]:
-    return [f"run.dir={base}", f"run.name={name}", "data.synthetic=true", f"train.steps={steps}",
-            "train.seq_len=32", "train.micro_batch_size=1", "train.global_batch_size=2", "train.precision=fp32",
-            "train.warmup_steps=2", "train.decay_steps=2", "train.save_every=2", "train.seed=3",
-            "tracking.wandb=offline", master_port()]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Last logged loss per step (a step re-run after a resume overwrites the earlier line)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r["loss"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster, tmp_path_factory):  # noqa: F811
-    """Test 1: a 2-node job made by `unidiff launch slurm` trains the tiny config with gloo; also the reference
-    for the preemption test."""
-    base = tmp_path_factory.mktemp("train")
-    env = {**slurm_cluster.env, "GLOO_SOCKET_IFNAME": "lo", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "launch", "slurm", str(TINY),
-                        *_train_overrides(base, "ref", STEPS), "--nodes", "2"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    job = r.stdout.split("submitted job ")[1].split(":")[0]
-    info = slurm_cluster.wait_state(job, FINAL, timeout_s=300)
-    return base / "ref", info
-
-
-@pytest.mark.slurm
-def test_two_node_job_trains_and_checkpoints(uninterrupted):
-    run_dir, info = uninterrupted
-    logs = job_logs(run_dir)
-    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "2", logs
-    assert sorted(_losses(run_dir)) == list(range(STEPS)), logs
-    assert (run_dir / "checkpoints" / "latest").exists(), logs
-    assert (run_dir / "wandb_run_id").read_text().strip(), logs
-    assert "rank 0 at 127.0.0.1" in logs  # rendezvous address from the head node's NodeAddr
-    assert (run_dir / "slurm" / "train.sbatch").exists() and (run_dir / "slurm" / "config.yaml").exists()
-
-
-@pytest.mark.slurm
-def test_preempted_job_resumes_with_identical_losses_and_wandb_run(slurm_env, uninterrupted, tmp_path):
-    """Test 2: signal the batch shell mid-run exactly as `--signal=B:USR1@lead` does at the pre-timeout point;
-    the ranks save, the job requeues itself, resumes from `latest`, and ends with the uninterrupted losses."""
-    cluster = slurm_env
-    ref_dir, _ = uninterrupted
-    run_dir = tmp_path / "pre"
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "launch", "slurm", str(TINY),
-                        *_train_overrides(tmp_path, "pre", STEPS), "--nodes", "2"], cwd=ROOT, env=dict(os.environ),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    job = r.stdout.split("submitted job ")[1].split(":")[0]
-    metrics = run_dir / "metrics.jsonl"
-    t0 = time.time()
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert time.time() - t0 < 240 and cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), \
-            job_logs(run_dir)
-        time.sleep(0.2)
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
-    cluster.run("scancel", "--signal=USR1", "--batch", job)
-    info = cluster.wait_state(job, FINAL, timeout_s=300)
-    logs = job_logs(run_dir)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs
-    assert "got SIGUSR1" in logs and "requeueing job" in logs and "resumed from" in logs, logs
-    got, want = _losses(run_dir), _losses(ref_dir)
-    assert sorted(got) == list(range(STEPS))
-    resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", logs).group(1))
-    assert 0 < resumed_at < STEPS - 2, f"the stop should land mid-run (resumed at {resumed_at} of {STEPS})"
-    assert got == pytest.approx(want, rel=1e-6, abs=1e-7), (got, want)
-    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
-    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs), runs  # one wandb run, two segments
 
 
 # A TEST WORKLOAD standing in for `unidiff pretokenize --shards A:B | --merge`: it records which raw shards each

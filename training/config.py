@@ -152,6 +152,9 @@ class TrainConfig:
     resume: str = "auto"  # auto: latest valid checkpoint in the run dir | none | a checkpoint path
     init_from: str = ""  # HF checkpoint dir (config.json + safetensors) to start from when there is nothing to resume
     max_consecutive_nonfinite: int = 5  # NaN/inf steps are skipped; stop after this many in a row
+    # seconds a rank waits in a collective (every process group's timeout) before it fails instead of hanging on a
+    # peer that is stuck; torch's default is 30 min. Raise it if one rank may work alone longer (a slow filesystem)
+    collective_timeout_s: int = 600
     log_every: int = 1
     peak_flops: float = 989e12  # per device, for the MFU estimate (H100 SXM bf16 dense)
     stop_after: int = 0  # testing aid: exit cleanly (saving) after this many steps of this run; 0 = off
@@ -162,6 +165,7 @@ class TrainConfig:
         _check(self.precision in ("bf16", "fp32"), "train.precision", self.precision, "bf16 | fp32")
         _check(self.steps >= 1, "train.steps", self.steps, ">= 1")
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, ">= 1")
+        _check(self.collective_timeout_s >= 1, "train.collective_timeout_s", self.collective_timeout_s, ">= 1")
         _check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                self.global_batch_size, f"a multiple of train.micro_batch_size={self.micro_batch_size}")
         _check(self.resume in ("auto", "none") or Path(self.resume).exists(), "train.resume", self.resume,

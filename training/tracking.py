@@ -2,6 +2,11 @@
 
 The wandb run id is created once and stored in the run dir (`wandb_run_id`), so a resumed or requeued job continues
 the same wandb run. Only rank 0 logs; other ranks get a no-op tracker.
+
+wandb runs a service process of its own (wandb-core). When SLURM ends or requeues a job (scancel, preemption,
+`scontrol requeue`, the time limit) it sends SIGTERM to every process of the job step, that service included, and
+the service exits at once; the trainer meanwhile finishes its step and saves. A wandb call that fails then must not
+take the checkpoint with it: the tracker says so in one line and goes on without wandb (metrics.jsonl has every step).
 """
 from __future__ import annotations
 
@@ -50,25 +55,40 @@ class Tracker:
         clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, bool)) else v)
                  for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(clean, step=step)
+        self._wandb("log", lambda run: run.log(clean, step=step))
         if console:
             keys = [k for k in ("loss", "loss_text", "loss_image", "lr", "grad_norm", "block_size", "tokens_per_s",
                                 "mfu", "skipped") if k in clean]
             print(f"step {step:>6} " + " ".join(f"{k}={_fmt(clean[k])}" for k in keys), file=sys.stderr, flush=True)
 
     def summary(self, values: dict) -> None:
-        if self.wandb is not None:
+        def put(run):
             for k, v in values.items():
-                self.wandb.summary[k] = v
+                run.summary[k] = v
+        self._wandb("summary", put)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self._wandb("finish", lambda run: run.finish())
+        self.wandb = None
+
+    def _wandb(self, what: str, call) -> None:
+        if self.wandb is None:
+            return
+        try:
+            call(self.wandb)
+        except Exception as e:  # measured: ConnectionResetError("Connection lost") once wandb-core got SIGTERM
             self.wandb = None
+            try:  # unregisters wandb's atexit hook first, which would print the same error again at exit
+                import wandb
+                wandb.teardown()
+            except Exception:
+                pass
+            print(f"tracking: wandb {what} failed ({type(e).__name__}: {e}); wandb is off for the rest of this run "
+                  f"(its service process probably got the job's SIGTERM), metrics.jsonl goes on", file=sys.stderr,
+                  flush=True)
 
 
 def _fmt(v) -> str:

@@ -36,7 +36,7 @@ from training.config_errors import ConfigError
 from training.engines.base import Engine, MOMENTS, no_decay
 from training.engines.native import build_sharded_model
 from training.engines.tensor_parallel import _all_reduce
-from training.engines.world import ParallelWorld, build_world, init_distributed, layout_groups
+from training.engines.world import ParallelWorld, build_world, init_distributed, layout_groups, set_group_timeouts
 from training import accelerator
 
 
@@ -128,7 +128,8 @@ class DeepSpeedEngine(Engine):
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         from deepspeed.utils import groups
 
-        rank, world, device, backend = init_distributed()
+        timeout_s = cfg.train.collective_timeout_s
+        rank, world, device, backend = init_distributed(timeout_s)
         os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed asserts it, also for a plain single process
         if world == 1 and not dist.is_initialized():
             dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(), rank=0,
@@ -139,7 +140,7 @@ class DeepSpeedEngine(Engine):
         self.group_name = f"ep_size_{ep}"
         mpu = None
         if par.tensor > 1:
-            self.world = build_world(par.tensor, ep, par.sequence_parallel)
+            self.world = build_world(par.tensor, ep, par.sequence_parallel, timeout_s=timeout_s)
             mpu = _WorldMpu(self.world)
             _register_expert_groups(self.world, self.group_name)
         elif self.group_name not in groups._get_expert_parallel_group_dict():
@@ -152,6 +153,8 @@ class DeepSpeedEngine(Engine):
                 edp_size=groups._get_expert_data_parallel_world_size(self.group_name),
                 dp_group=groups._get_data_parallel_group(), ep_group=groups._get_expert_parallel_group(self.group_name),
                 edp_group=groups._get_expert_data_parallel_group(self.group_name))
+            if world > 1:
+                set_group_timeouts([self.world.dp_group, self.world.ep_group, self.world.edp_group], timeout_s)
         model, self.specs = build_sharded_model(cfg, self.world)
         self._module = model
         if self.world.tp_size > 1:

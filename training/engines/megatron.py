@@ -57,7 +57,7 @@ class MegatronTPComm:
 
 def _megatron_world(cfg) -> ParallelWorld:
     par = cfg.parallel
-    rank, world, device, backend = init_distributed()
+    rank, world, device, backend = init_distributed(cfg.train.collective_timeout_s)
     if world == 1 and not dist.is_initialized():
         # megatron-core always needs a process group, also for one process.
         dist.init_process_group(accelerator.backend(), store=dist.HashStore(), rank=0,
@@ -67,7 +67,8 @@ def _megatron_world(cfg) -> ParallelWorld:
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=1,
                                      expert_model_parallel_size=par.expert,
-                                     expert_tensor_parallel_size=par.expert_tensor)
+                                     expert_tensor_parallel_size=par.expert_tensor,
+                                     distributed_timeout_minutes=cfg.train.collective_timeout_s / 60)
     return ParallelWorld(
         rank=rank, world_size=world, device=device, backend=backend,
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),

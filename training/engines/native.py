@@ -54,7 +54,8 @@ class NativeEngine(Engine):
         if par.pipeline != 1:
             raise ConfigError(f"parallel.pipeline={par.pipeline} is not allowed with train.engine={self.name}: "
                               "must be 1 (not implemented)")
-        self.world = world or build_world(par.tensor, par.expert, par.sequence_parallel, etp=par.expert_tensor)
+        self.world = world or build_world(par.tensor, par.expert, par.sequence_parallel,
+                                          timeout_s=cfg.train.collective_timeout_s, etp=par.expert_tensor)
         self.model, self.specs = build_sharded_model(cfg, self.world)
         self._names = {p: n for n, p in self.model.named_parameters()}
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr,

@@ -106,14 +106,22 @@ def build_world(tp: int, ep: int, sequence_parallel: bool = False, timeout_s: in
     w.tp_rank, w.dp_rank = rank % tp, rank // tp
     w.etp_rank, w.ep_rank, w.edp_rank = rank % etp, rank // etp % ep, rank // (ep * etp)
     if world > 1:
-        # new_group is collective over the whole world: every rank creates every group, keeps its own.
+        # new_group is collective over the whole world: every rank creates every group, keeps its own. A group
+        # made without a timeout gets torch's default (30 min), not the default group's: pass it to each.
+        timeout = datetime.timedelta(seconds=timeout_s)
         for name, lists in (("dp_group", dp_groups), ("tp_group", tp_groups), ("ep_group", ep_groups),
                             ("etp_group", etp_groups), ("edp_group", edp_groups)):
             for ranks in lists:
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=timeout)
                 if rank in ranks:
                     setattr(w, name, g)
     return w
+
+
+def set_group_timeouts(groups, timeout_s: int) -> None:
+    """The timeout of groups made by a library that takes none (DeepSpeed's expert groups get torch's 30 min)."""
+    for g in {id(g): g for g in groups if g is not None}.values():
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), g)
 
 
 def check_layout(cfg, world_size: int) -> int:
