@@ -32,9 +32,7 @@ class DiffusionConfig:
     cap_lambda: float = 0.0  # CAP: weight of the entropy on masked positions already predicted correctly (2.0 in dFactory)
     loss_chunk: int = 2048  # masked rows per LM-head chunk: its fp32 logits (chunk x vocab) are the head's peak, and
     # are recomputed in the backward; never the full [B, L, vocab]
-    # --- CFG condition dropout (needs `cond_span` / `cond_image_span` in the batch; skipped without them) ---
-    cfg_drop_text: float = 0.0  # prob. a sample's conditioning text is replaced by `<uncondition>` (T2I and editing)
-    cfg_drop_image: float = 0.0  # prob. an editing sample's source image block is dropped
+    # (CFG condition dropout happens when the data are written: data.t2i_uncond_prob at pretokenize)
     # --- stabilisation (LLaDA2.0): Gaussian noise on the mask-token embedding for the first steps ---
     mask_embed_noise_std: float = 0.0  # std of the noise added to embeddings at masked positions (0 = off)
     mask_embed_noise_steps: int = 0  # apply it for steps < this
@@ -65,8 +63,6 @@ class DiffusionConfig:
               f"<= diffusion.mask_high={self.mask_high}")
         check(0.0 < self.mask_eps < self.mask_high, "mask_eps", self.mask_eps,
               f"in (0, diffusion.mask_high={self.mask_high})")
-        for key in ("cfg_drop_text", "cfg_drop_image"):
-            check(0.0 <= getattr(self, key) <= 1.0, key, getattr(self, key), "a probability in [0, 1]")
         for key in ("loss_weight_text", "loss_weight_image", "cap_lambda", "mask_embed_noise_std", "cfg_rescale"):
             check(getattr(self, key) >= 0.0, key, getattr(self, key), ">= 0")
         check(self.loss_weight_text + self.loss_weight_image > 0, "loss_weight_text", self.loss_weight_text,

@@ -1,12 +1,11 @@
 """The masked / block diffusion loss: the one objective every engine and every stage calls.
 
-Per batch (the loader's dict: input_ids, doc_ids, maskable, is_image, position_ids, all [B, L]; optional cond_span /
-cond_image_span for CFG dropout):
-  1. CFG condition dropout (if the batch marks the condition spans and the probabilities are > 0);
-  2. t per sample (or per block), mask every maskable token with probability mask_prob(t); optionally the
+Per batch (the loader's dict: input_ids, doc_ids, maskable, is_image, position_ids, all [B, L]; CFG condition
+dropout is already in the data, see data.t2i_uncond_prob):
+  1. t per sample (or per block), mask every maskable token with probability mask_prob(t); optionally the
      complementary mask as a second copy of the batch;
-  3. forward x_t || x_0 under the block-diffusion mask (MDLM: x_t only under the document mask);
-  4. cross-entropy on masked positions, optional ELBO weight, normalised per masked token or per maskable token
+  2. forward x_t || x_0 under the block-diffusion mask (MDLM: x_t only under the document mask);
+  3. cross-entropy on masked positions, optional ELBO weight, normalised per masked token or per maskable token
      ("sequence": the NELBO per token, LLaDA's 1/(B L) for pre-training and 1/answer-length for SFT; "token" over
      the global batch when the trainer passes the step's count);
      per-modality weights; CAP entropy term; the model's router aux loss.
@@ -17,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from training.diffusion.conditioning import drop_condition
 from training.diffusion.masks import training_mask
 from training.diffusion.noise import (apply_mask, complementary_mask, draw_mask, elbo_weight, mask_prob, per_token_t,
                                       sample_t, time_from_mask_prob)
@@ -30,18 +28,6 @@ def token_id(specials, name: str) -> int:
     if value is None:
         raise KeyError(f"special token '{name}' is missing from {type(specials).__name__}")
     return int(value)
-
-
-def _apply_cfg_dropout(batch: dict, cfg, specials, generator) -> tuple[dict, dict]:
-    stats = {}
-    if cfg.cfg_drop_text > 0 and batch.get("cond_span") is not None:
-        batch, dropped = drop_condition(batch, batch["cond_span"], cfg.cfg_drop_text,
-                                        token_id(specials, "uncondition"), generator)
-        stats["cfg_dropped_text"] = dropped.any(1).float().mean()
-    if cfg.cfg_drop_image > 0 and batch.get("cond_image_span") is not None:
-        batch, dropped = drop_condition(batch, batch["cond_image_span"], cfg.cfg_drop_image, None, generator)
-        stats["cfg_dropped_image"] = dropped.any(1).float().mean()
-    return batch, stats
 
 
 def _noise(batch: dict, cfg, block_size: int, mask_id: int, generator):
@@ -88,23 +74,20 @@ def masked_head_ce(head, hidden: torch.Tensor, target: torch.Tensor, chunk: int,
 
 
 def corrupt(batch: dict, cfg, step: int, specials, generator: torch.Generator | None = None) -> dict:
-    """Steps 1-2 (all the objective's randomness): the batch with x_t, masked, t, block_size and the tokens the loss
+    """Step 1 (all the objective's randomness): the batch with x_t, masked, t, block_size and the tokens the loss
     is normalised by (`counted`: masked ones for "token", maskable ones for "sequence"). Separate from the forward
     so the trainer can count a whole step's masked tokens over data parallel before the first backward."""
     mask_id = token_id(specials, "mask")
     length = batch["input_ids"].shape[1]
     block_size = block_size_at(cfg.block_schedule, step, length)
-    batch, stats = _apply_cfg_dropout(batch, cfg, specials, generator)
     x_t, masked, t, batch = _noise(batch, cfg, block_size, mask_id, generator)
     counted = masked if cfg.normalize == "token" else batch["maskable"].bool()
-    return {**batch, "x_t": x_t, "masked": masked, "t": t, "counted": counted, "block_size": block_size,
-            "dropout_stats": stats}
+    return {**batch, "x_t": x_t, "masked": masked, "t": t, "counted": counted, "block_size": block_size}
 
 
 def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torch.Generator | None = None,
                    denom: torch.Tensor | None = None):
-    """One training forward. cfg: DiffusionConfig; specials: SpecialTokens-like (needs `mask`, and `uncondition`
-    when CFG text dropout is on); batch: the loader's, or `corrupt()`'s output. denom: what the weighted CE sum is
+    """One training forward. cfg: DiffusionConfig; specials: SpecialTokens-like (needs `mask`); batch: the loader's, or `corrupt()`'s output. denom: what the weighted CE sum is
     divided by (default: this batch's `counted` tokens; the trainer passes the step's global count per micro-batch,
     so a data-parallel step equals one process over the whole global batch). Returns (loss scalar tensor with grad,
     metrics dict of detached tensors / ints).
@@ -114,7 +97,7 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
     if "x_t" not in batch:
         batch = corrupt(batch, cfg, step, specials, generator)
     x_t, masked, t, block_size, counted = (batch[k] for k in ("x_t", "masked", "t", "block_size", "counted"))
-    metrics = dict(batch["dropout_stats"])
+    metrics = {}
     mask_id = token_id(specials, "mask")
     length = x_t.shape[1]
     x0, doc, pos = batch["input_ids"], batch["doc_ids"], batch["position_ids"]
