@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training.accelerator import all_reduce_host
-from training.diffusion.masks import training_mask
+from training.diffusion.masks import training_inputs
 
 
 @dataclass
@@ -85,12 +85,10 @@ def _forward_rows(model, ids, masked, maskable_len, block_size: int, mask_id: in
     real = pos < maskable_len[:, None]
     doc = torch.where(real, torch.zeros_like(pos), torch.ones_like(pos))  # padding is its own document
     x_t = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    mdlm = block_size <= 0 or block_size >= length
-    inp = x_t if mdlm else torch.cat([x_t, ids], 1)
-    positions = pos if mdlm else torch.cat([pos, pos], 1)
     attention = getattr(getattr(model, "config", None), "attention", "auto")
-    attn = training_mask(doc.to(device), length if mdlm else block_size, attention)
-    out = model(input_ids=inp.to(device), position_ids=positions.to(device), attention_mask=attn)
+    inp, positions, attn = training_inputs(x_t.to(device), ids.to(device), pos.to(device), doc.to(device),
+                                           block_size, attention)
+    out = model(input_ids=inp, position_ids=positions, attention_mask=attn)
     logits = out.logits[:, :length]
     ce = torch.zeros((rows, length), dtype=torch.float64)
     if masked.any():

@@ -24,7 +24,7 @@ import torch
 
 from training import accelerator
 from training.config import Config, save_config
-from training.diffusion.schedule import pad_multiple
+from training.diffusion.schedule import block_size_at, pad_multiple, whole_sequence
 
 
 def lr_at(step: int, cfg) -> float:
@@ -216,11 +216,11 @@ def train(cfg: Config) -> dict:
         nonfinite_run = nonfinite_run + 1 if skipped else 0
         skipped_total += int(skipped)
 
-        block = int(sums.get("block_size", cfg.train.seq_len))
+        block = block_size_at(cfg.diffusion.block_schedule, step, cfg.train.seq_len)
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
         global_tokens = tokens * w.dp_size
-        achieved = flops_per_token(model_cfg, cfg.train.seq_len, 0 < block < cfg.train.seq_len,
+        achieved = flops_per_token(model_cfg, cfg.train.seq_len, not whole_sequence(block, cfg.train.seq_len),
                                    sums.get("masked_frac", 1.0)) * global_tokens / dt
         last = {**sums, "lr": lr, "grad_norm": result["grad_norm"], "block_size": block,
                 "tokens_per_s": global_tokens / dt, "mfu": achieved / (cfg.train.peak_flops * w.world_size),

@@ -11,13 +11,14 @@ import math
 
 from evals.context import EvalContext, HeldOutTask, TaskResult
 from evals.likelihood import all_reduce_sums, nelbo_draws, nelbo_sums, summarize
+from training.diffusion.schedule import final_block_size
 
 
 def elbo_block_size(ctx: EvalContext) -> int:
     """eval.elbo_block_size, or the block size training ends with (last entry of diffusion.block_schedule)."""
     if ctx.ecfg.elbo_block_size >= 0:
         return int(ctx.ecfg.elbo_block_size)
-    return int(ctx.cfg.diffusion.block_schedule[-1][1])
+    return final_block_size(ctx.cfg.diffusion.block_schedule)
 
 
 class ElboTask(HeldOutTask):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from training.diffusion.schedule import whole_sequence
+
 try:
     from torch.nn.attention.flex_attention import create_block_mask
 except ImportError:  # pragma: no cover - torch without FlexAttention
@@ -71,7 +73,7 @@ def block_diffusion_mask(doc_ids: torch.Tensor, block_size: int) -> torch.Tensor
 def dense_training_mask(doc_ids: torch.Tensor, block_size: int) -> torch.Tensor:
     """doc_ids [B, L] -> bool [B, 1, 2L, 2L] (block diffusion) or [B, 1, L, L] (MDLM when block_size >= L)."""
     bsz, length = doc_ids.shape
-    if block_size >= length:
+    if whole_sequence(block_size, length):
         return _dense(doc_mask_mod(doc_ids), bsz, length, doc_ids.device)
     return _dense(bd_mask_mod(doc_ids, block_size), bsz, 2 * length, doc_ids.device)
 
@@ -81,7 +83,7 @@ def flex_training_mask(doc_ids: torch.Tensor, block_size: int):
     if create_block_mask is None:
         raise RuntimeError("this torch has no FlexAttention; set model.attention=sdpa")
     bsz, length = doc_ids.shape
-    if block_size >= length:
+    if whole_sequence(block_size, length):
         mod, n = doc_mask_mod(doc_ids), length
     else:
         mod, n = bd_mask_mod(doc_ids, block_size), 2 * length
@@ -109,6 +111,17 @@ def training_mask(doc_ids: torch.Tensor, block_size: int, attention: str = "auto
                                "torch; use model.attention=auto (dense SDPA on CPU, flex on CUDA) or sdpa")
         return flex_training_mask(doc_ids, block_size)
     return dense_training_mask(doc_ids, block_size)
+
+
+def training_inputs(x_t: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
+                    block_size: int, attention: str = "auto"):
+    """(input ids, position ids, attention mask) of the training forward, for the loss and the ELBO alike:
+    x_t alone under the document mask (MDLM), or x_t || x_0 under the block-diffusion mask."""
+    length = x_t.shape[1]
+    if whole_sequence(block_size, length):
+        return x_t, positions, training_mask(doc_ids, length, attention)
+    return (torch.cat([x_t, x0], 1), torch.cat([positions, positions], 1),
+            training_mask(doc_ids, block_size, attention))
 
 
 def block_causal_mask(q_index: torch.Tensor, key_valid: torch.Tensor, block_size: int) -> torch.Tensor:

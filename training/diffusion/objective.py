@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from training.diffusion.masks import training_mask
+from training.diffusion.masks import training_inputs
 from training.diffusion.noise import (apply_mask, complementary_mask, draw_mask, elbo_weight, mask_prob, per_token_t,
                                       sample_t, time_from_mask_prob)
-from training.diffusion.schedule import block_size_at
+from training.diffusion.schedule import block_size_at, whole_sequence
 
 
 def token_id(specials, name: str) -> int:
@@ -34,7 +34,7 @@ def _noise(batch: dict, cfg, block_size: int, mask_id: int, generator):
     """-> (x_t, masked [B', L], t per token [B', L], batch') with B' = 2B under complementary masking."""
     ids, maskable = batch["input_ids"], batch["maskable"].bool()
     bsz, length = ids.shape
-    shape = (bsz, -(-length // block_size)) if cfg.t_per_block and block_size < length else (bsz,)
+    shape = (bsz, -(-length // block_size)) if cfg.t_per_block and not whole_sequence(block_size, length) else (bsz,)
     t = per_token_t(sample_t(shape, cfg.mask_low, cfg.mask_high, cfg.mask_eps, cfg.stratified_t, ids.device,
                              generator), length, block_size)
     p = mask_prob(cfg.schedule, t)
@@ -103,12 +103,9 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
     x0, doc, pos = batch["input_ids"], batch["doc_ids"], batch["position_ids"]
     is_image, maskable = batch["is_image"].bool(), batch["maskable"].bool()
 
-    mdlm = block_size >= length
-    ids = x_t if mdlm else torch.cat([x_t, x0], dim=1)
-    positions = pos if mdlm else torch.cat([pos, pos], dim=1)
     core = getattr(model, "module", model)  # an engine wrapper (DeepSpeed, DDP) holds the LLaDA2MoE in .module
     attention = getattr(getattr(core, "config", None), "attention", "auto")
-    attn_mask = training_mask(doc, block_size, attention)
+    ids, positions, attn_mask = training_inputs(x_t, x0, pos, doc, block_size, attention)
     embeds = None
     if cfg.mask_embed_noise_std > 0 and step < cfg.mask_embed_noise_steps:
         # LLaDA2.0: an AR-initialised mask embedding decays to ~0 and gradients explode; noise keeps it informative.

@@ -28,6 +28,11 @@ def validate_block_schedule(schedule, seq_len: int) -> None:
                               f"train.seq_len={seq_len} (or be 0 / >= seq_len for the whole sequence)")
 
 
+def whole_sequence(block_size: int, length: int) -> bool:
+    """The one rule: block size 0 or >= the sequence length is MDLM (x_t alone under the document mask)."""
+    return block_size <= 0 or block_size >= length
+
+
 def block_size_at(schedule, step: int, seq_len: int) -> int:
     """The block size in force at `step`; returns seq_len for the whole-sequence (MDLM) setting."""
     size = int(schedule[0][1])
@@ -36,7 +41,12 @@ def block_size_at(schedule, step: int, seq_len: int) -> int:
             size = int(b)
         else:
             break
-    return seq_len if size == 0 or size >= seq_len else size
+    return seq_len if whole_sequence(size, seq_len) else size
+
+
+def final_block_size(schedule) -> int:
+    """The block size training ends with (0: whole sequence): what evaluation scores by default."""
+    return int(schedule[-1][1])
 
 
 def pad_multiple(schedule, seq_len: int) -> int | None:
@@ -44,7 +54,7 @@ def pad_multiple(schedule, seq_len: int) -> int | None:
     uses straddles two documents: the least common multiple of its block sizes below seq_len (None: MDLM only)."""
     import math
 
-    sizes = [int(b) for _, b in schedule if 0 < int(b) < seq_len]
+    sizes = [int(b) for _, b in schedule if not whole_sequence(int(b), seq_len)]
     if not sizes:
         return None
     lcm = math.lcm(*sizes)
