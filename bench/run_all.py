@@ -27,7 +27,7 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
     "sampler": ("bench_sampler.py", ["--gen-length", "64", "--block", "16", "--steps", "8", "--prompt-len", "16",
                                      "--tiny-gen-length", "16"]),
     "engines": ("bench_engines.py", ["--configs", "tiny", "--engines", "native", "--steps", "2"]),
-    "data": ("bench_data.py", ["--scenes", "40", "--seq-len", "256"]),
+    "data": ("bench_data.py", ["--quick"]),
     "decoder": ("bench_decoder.py", ["--run-dir", "runs/bench_decoder_quick", "--methods", "consistency_training",
                                      "--grid", f"{QUICK_OUT}/bench_decoder_grid.png", "decoder.train_steps=20",
                                      "decoder.holdout=8", "distill.train_steps=4", "distill.batch_size=8",

@@ -82,6 +82,17 @@ class SpecialTokens:
         except ValueError:
             raise ValueError(f"id {token_id} is not a <|reserved_token_n|> grid token") from None
 
+    def to_dict(self) -> dict:
+        """What pretokenize records in manifest.json (`specials`), so the loader never needs the tokenizer."""
+        return {**{k: getattr(self, k) for k in ("mask", "eos", "image_start", "image_end", "boi", "uncondition",
+                                                 "role_start", "role_end")}, "pad": self.pad,
+                "grid_ids": list(self.grid_ids)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpecialTokens":
+        return cls(**{k: int(v) for k, v in d.items() if k not in ("grid_ids", "pad")},
+                   grid_ids=tuple(int(i) for i in d.get("grid_ids", ())))
+
     @classmethod
     def from_tokenizer(cls, tok, max_grid: int = 4096) -> "SpecialTokens":
         """Resolve every token by its official string; a missing mandatory one is an error naming it."""

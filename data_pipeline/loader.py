@@ -7,86 +7,52 @@ are disjoint and together cover every packed row of each full global batch (the 
 epoch is dropped and counted). The split is by the DATA-parallel rank you pass — tensor/expert-parallel peers of
 one replica pass the same dp_rank and get identical batches (webdataset's split_by_node would use the global rank).
 
+Samples come from `token_shards.TokenShards` (memory-mapped index columns, reads by pread); the pad id from the
+special ids pretokenize records in manifest.json, so the loader does not load the text tokenizer.
 state_dict() = (epoch, next batch); load_state_dict() resumes exactly mid-epoch without reading skipped data.
 Batch schema: input_ids, doc_ids (0.. per row, padding -1), maskable, is_image, position_ids (restart at 0 per
 document, 0 on padding), all [B, L]; plus sample_ids [B, L] (global sample id, -1 on padding) for tracing.
 """
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_pipeline.manifest import index_path, load_manifest, read_index
+from data_pipeline.layout import SpecialTokens
 from data_pipeline.packing import PAD_DOC, materialise_row, plan_rows
+from data_pipeline.token_shards import TASKS, TokenShards
 
-TASKS = ("caption", "vqa", "t2i", "interleaved")
-
-
-class TokenSource:
-    """The token samples of one token dir + split, optionally restricted to some tasks; random access by seek."""
-
-    def __init__(self, token_dir: str | Path, split: str, tasks: tuple[str, ...] | None = None):
-        self.token_dir = Path(token_dir)
-        self.manifest = load_manifest(token_dir)
-        if split not in self.manifest["splits"]:
-            raise ValueError(f"{token_dir}/manifest.json has no split {split!r} (has "
-                             f"{sorted(self.manifest['splits'])})")
-        self.shards: list[Path] = []
-        rows = []
-        for sh in self.manifest["splits"][split]["shards"]:
-            tar = self.token_dir / split / sh["output"]
-            idx = read_index(tar)
-            if idx is None:
-                raise FileNotFoundError(f"{index_path(tar)} is missing: rerun `unidiff pretokenize`")
-            col = {c: i for i, c in enumerate(idx["columns"])}
-            for s in idx["samples"]:
-                if tasks is None or s[col["task"]] in tasks:
-                    rows.append((len(self.shards), s[col["len"]], s[col["n_image_tokens"]],
-                                 s[col["task"]] == "interleaved", s[col["ids_off"]], s[col["ids_size"]],
-                                 s[col["mask_off"]], s[col["mask_size"]], s[col["mod_off"]], s[col["mod_size"]]))
-            self.shards.append(tar)
-        if not rows:
-            raise ValueError(f"{token_dir} split {split!r} has no samples of tasks {tasks}")
-        a = np.array(rows, dtype=np.int64)
-        self.shard, self.lengths, self.n_img = a[:, 0], a[:, 1], a[:, 2]
-        self.splittable = (a[:, 3] == 1) & (self.n_img == 0)  # text-only pretraining documents may be cut
-        self.offsets = a[:, 4:]
-        self.vocab = self.manifest["vocab"]
-        self._files: dict[int, object] = {}
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        sh = int(self.shard[i])
-        f = self._files.get(sh)
-        if f is None:  # opened lazily: each loader worker process gets its own handles
-            f = self._files[sh] = open(self.shards[sh], "rb")
-        out = []
-        for j in range(3):
-            off, size = self.offsets[i, 2 * j], self.offsets[i, 2 * j + 1]
-            f.seek(int(off))
-            out.append(np.load(io.BytesIO(f.read(int(size))), allow_pickle=False))
-        return out[0], out[1], out[2]
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_files"] = {}
-        return d
+TokenSource = TokenShards  # the earlier name
 
 
-def resolve_sources(dcfg) -> list[tuple[TokenSource, float]]:
+def manifest_specials(source: TokenShards, dcfg) -> SpecialTokens:
+    """The special ids (pad = EOS) recorded by pretokenize in manifest.json. A token dir written before they were
+    recorded falls back to the configured tokenizer, once, with a warning, and only if it is the tokenizer that
+    made the shards (same fingerprint): such a dir may have lost its raw shards, which a rerun would need."""
+    if "specials" in source.manifest:
+        return SpecialTokens.from_dict(source.manifest["specials"])
+    from data_pipeline.text_tokenizer import load_text_tokenizer, text_tokenizer_path
+    path = text_tokenizer_path(dcfg)
+    tok = load_text_tokenizer(path)
+    made_by = source.manifest.get("fingerprint", {}).get("text")
+    if tok.fingerprint != made_by:
+        raise ValueError(f"{source.token_dir}/manifest.json records no special token ids and the tokenizer {path} "
+                         f"(fingerprint {tok.fingerprint}) is not the one that wrote the shards ({made_by}): rerun "
+                         f"`unidiff pretokenize CONFIG` (finished shards are skipped) to record them")
+    print(f"loader: {source.token_dir}/manifest.json has no special token ids (older pretokenize); read them from "
+          f"{path}; rerun `unidiff pretokenize CONFIG` (finished shards are skipped) to record them")
+    return SpecialTokens.from_tokenizer(tok)
+
+
+def resolve_sources(dcfg) -> list[tuple[TokenShards, float]]:
     """data.datasets: {name: weight}; a name is a task of data.token_dir (caption|vqa|t2i|interleaved) or the path
     of another token dir. Empty: the whole data.token_dir, one source."""
     if not dcfg.datasets:
-        return [(TokenSource(dcfg.token_dir, dcfg.split), 1.0)]
+        return [(TokenShards(dcfg.token_dir, dcfg.split), 1.0)]
     out = []
     for name, w in dcfg.datasets.items():
-        src = TokenSource(dcfg.token_dir, dcfg.split, (name,)) if name in TASKS else TokenSource(name, dcfg.split)
+        src = TokenShards(dcfg.token_dir, dcfg.split, (name,)) if name in TASKS else TokenShards(name, dcfg.split)
         out.append((src, float(w)))
     return out
 
@@ -185,10 +151,8 @@ class TokenLoader(_Cursor):
         if len(vocabs) > 1:
             raise ValueError(f"data.datasets mixes token dirs with different vocab layouts: {vocabs}")
         self.vocab = self.sources[0].vocab
-        from data_pipeline.layout import SpecialTokens
-        from data_pipeline.pretokenize import text_tokenizer_path
-        from data_pipeline.text_tokenizer import load_text_tokenizer
-        self.pad_id = SpecialTokens.from_tokenizer(load_text_tokenizer(text_tokenizer_path(dcfg))).pad
+        self.specials = manifest_specials(self.sources[0], dcfg)
+        self.pad_id = self.specials.pad
         self.block_size = block_size if (block_size and dcfg.pad_to_block) else None
         self.drop_too_long = dcfg.drop_too_long
         self.num_workers = dcfg.num_workers
@@ -199,12 +163,15 @@ class TokenLoader(_Cursor):
         if self._plan_cache and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         src, idx = epoch_order([len(s) for s in self.sources], [w for _, w in self.sources_w], self.seed, epoch)
-        lens, split = np.zeros(len(src), dtype=np.int64), np.zeros(len(src), dtype=bool)
-        for s, source in enumerate(self.sources):
-            m = src == s
-            lens[m], split[m] = source.lengths[idx[m]], source.splittable[idx[m]]
+        if len(self.sources) == 1:
+            lens, split = self.sources[0].lengths[idx], self.sources[0].splittable[idx]
+        else:
+            lens, split = np.zeros(len(src), dtype=np.int64), np.zeros(len(src), dtype=bool)
+            for s, source in enumerate(self.sources):
+                m = src == s
+                lens[m], split[m] = source.lengths[idx[m]], source.splittable[idx[m]]
         plan = plan_rows(lens, split, self.seq_len, self.block_size)
-        if plan.dropped and not self.drop_too_long:
+        if len(plan.dropped) and not self.drop_too_long:
             raise ValueError(f"{len(plan.dropped)} documents are longer than seq_len={self.seq_len} and cannot be "
                              f"cut (they hold an image or a prompt/answer pair): raise train.seq_len or set "
                              f"data.drop_too_long=true")

@@ -12,6 +12,7 @@ Rules:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +20,44 @@ import numpy as np
 PAD_DOC = -1  # doc id of padding positions
 
 
+class PackRows(Sequence):
+    """The rows of a plan as a sequence of [(document index, start, end), ...] lists, made on access: a loader
+    builds Python objects only for the rows its rank reads (10M documents would be ~1.5 GB of tuples)."""
+
+    def __init__(self, plan: "PackPlan", lo: int = 0, hi: int | None = None):
+        self.plan, self.lo, self.hi = plan, lo, len(plan.row_start) - 1 if hi is None else hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, r):
+        if isinstance(r, slice):
+            lo, hi, step = r.indices(len(self))
+            if step != 1:
+                return [self[k] for k in range(lo, hi, step)]
+            return PackRows(self.plan, self.lo + lo, self.lo + max(lo, hi))
+        if r < 0:
+            r += len(self)
+        if not 0 <= r < len(self):
+            raise IndexError(r)
+        p = self.plan
+        a, b = int(p.row_start[self.lo + r]), int(p.row_start[self.lo + r + 1])
+        return list(zip(p.doc[a:b].tolist(), p.start[a:b].tolist(), p.end[a:b].tolist()))
+
+
 @dataclass
 class PackPlan:
-    rows: list[list[tuple[int, int, int]]]  # per row: (document index, start, end) pieces in order
+    """Pieces in row order (piece k = doc[k][start[k]:end[k]]); row r holds pieces row_start[r]:row_start[r+1]."""
+    doc: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    row_start: np.ndarray
     dropped: list[int]  # documents longer than the row that cannot be cut
     padding: int  # pad positions over all rows
+
+    @property
+    def rows(self) -> PackRows:
+        return PackRows(self)
 
 
 def padded_length(n: np.ndarray, block_size: int | None, seq_len: int) -> np.ndarray:
@@ -34,30 +68,38 @@ def padded_length(n: np.ndarray, block_size: int | None, seq_len: int) -> np.nda
 
 
 def plan_rows(lengths: np.ndarray, splittable: np.ndarray, seq_len: int, block_size: int | None = None) -> PackPlan:
-    lens = padded_length(np.asarray(lengths, dtype=np.int64), block_size, seq_len)
+    """Greedy next-fit, vectorised: documents expand into pieces (one, or row-sized cuts of a long text document),
+    a searchsorted over the cumulative piece spans gives, for every piece, where a row starting at it ends, and one
+    walk over those jumps (one step per row, not per document) picks the row starts. The same rows as the
+    one-document-at-a-time loop (tests/test_data_token_shards.py compares them)."""
     raw = np.asarray(lengths, dtype=np.int64)
-    rows, cur, fill, dropped, pad = [], [], 0, [], 0
-    for d in range(len(lens)):  # one step per document, not per token
-        L = int(lens[d])
-        if L > seq_len:
-            if not splittable[d]:
-                dropped.append(d)
-                continue
-            pieces = [(s, min(s + seq_len, int(raw[d]))) for s in range(0, int(raw[d]), seq_len)]
-        else:
-            pieces = [(0, int(raw[d]))]
-        for s, e in pieces:
-            span = L if len(pieces) == 1 else int(padded_length(np.array([e - s]), block_size, seq_len)[0])
-            if fill + span > seq_len:
-                rows.append(cur)
-                pad += seq_len - fill
-                cur, fill = [], 0
-            cur.append((d, s, e))
-            fill += span
-    if cur:
-        rows.append(cur)
-        pad += seq_len - fill
-    return PackPlan(rows, dropped, pad)
+    lens = padded_length(raw, block_size, seq_len)
+    too_long = lens > seq_len
+    cut = too_long & np.asarray(splittable, dtype=bool)
+    dropped = np.flatnonzero(too_long & ~cut)
+    docs = np.flatnonzero(~too_long | cut) if too_long.any() else np.arange(len(raw))
+    if len(docs) == len(raw):
+        raw_docs, lens_docs = raw, lens
+    else:
+        raw_docs, lens_docs = raw[docs], lens[docs]
+    if cut.any():  # row-sized pieces; the last one is the remainder
+        n_pieces = np.where(cut[docs], -(-raw[docs] // seq_len), 1)
+        doc = np.repeat(docs, n_pieces)
+        start = (np.arange(len(doc)) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)) * seq_len
+        end = np.minimum(start + seq_len, raw[doc])
+        span = padded_length(end - start, block_size, seq_len)
+    else:
+        doc, start, end, span = docs, np.zeros(len(docs), dtype=np.int64), raw_docs, lens_docs
+    cum = np.cumsum(span)
+    # a row opened by piece k holds pieces k .. stop[k]-1: those whose spans fit seq_len together
+    stop = np.searchsorted(cum, cum - span + seq_len, side="right")
+    starts, k, n, jump = [], 0, len(doc), stop.item
+    while k < n:
+        starts.append(k)
+        k = jump(k)
+    row_start = np.asarray(starts + [n], dtype=np.int64)
+    pad = (len(row_start) - 1) * seq_len - int(cum[-1]) if n else 0
+    return PackPlan(doc, start, end, row_start, dropped.tolist(), pad)
 
 
 def materialise_row(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seq_len: int, pad_id: int,

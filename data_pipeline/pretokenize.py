@@ -30,6 +30,7 @@ from data_pipeline.image_tokenizer.prepare import prepare_pixels
 from data_pipeline.manifest import build_manifest, index_path, read_index, tar_offsets, write_json_atomic
 from data_pipeline.sources import RawShard, ShardReader, list_raw_shards
 from data_pipeline.text_tokenizer import load_text_tokenizer, text_tokenizer_path, vocab_layout
+from data_pipeline.token_shards import write_indices
 
 LAYOUT_VERSION = "llada2-uni-v1"
 SHARD_FORMAT = 2  # bump when the token shard or index format changes: finished shards are then redone
@@ -186,6 +187,16 @@ def _report_failed(failed: list[tuple[str, str]]) -> None:
               + "; ".join(f"{n}: {why}" for n, why in failed[:5]))
 
 
+def _write_manifest(out: Path, probe: ShardTokenizer, fp: dict) -> dict:
+    """manifest.json (vocab layout and special ids included: the loader reads them, not the tokenizer), then the
+    loader's memory-mapped index columns keyed by it (token_shards.py)."""
+    vocab = {"image_token_offset": probe.offset, "vocab_size": probe.vocab_size,
+             "codebook_size": probe.image.codebook_size, "text_vocab_size": probe.text.vocab_size}
+    manifest = build_manifest(out, fp, vocab, probe.specials.to_dict())
+    write_indices(out, manifest)
+    return manifest
+
+
 def merge_manifest(dcfg) -> dict:
     out = Path(dcfg.token_dir)
     probe = ShardTokenizer(dcfg)
@@ -196,9 +207,7 @@ def merge_manifest(dcfg) -> dict:
         raise RuntimeError(f"{len(missing)} raw shards have no finished token shard: {missing[:5]}")
     _report_failed([(sh.name, read_index(out / sh.split / sh.name)["failed"]) for sh, s in status.items()
                     if s == "failed"])
-    vocab = {"image_token_offset": probe.offset, "vocab_size": probe.vocab_size,
-             "codebook_size": probe.image.codebook_size, "text_vocab_size": probe.text.vocab_size}
-    return build_manifest(out, fp, vocab)
+    return _write_manifest(out, probe, fp)
 
 
 def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=None) -> dict:
@@ -259,9 +268,7 @@ def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=
     if shards is not None:
         print(f"pretokenize: shards {shards[0]}:{shards[1]}: {len(jobs)} done, {skipped} skipped")
         return {"shards_done": len(jobs), "shards_skipped": skipped}
-    vocab = {"image_token_offset": probe.offset, "vocab_size": probe.vocab_size,
-             "codebook_size": probe.image.codebook_size, "text_vocab_size": probe.text.vocab_size}
-    manifest = build_manifest(out, fp, vocab)
+    manifest = _write_manifest(out, probe, fp)
     dt = time.time() - t0
     sp = manifest["splits"]
     summary = ", ".join(f"{s}: {v['inputs']} in = {v['ok']} ok + {v['quarantined']} quarantined -> "
