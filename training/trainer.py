@@ -110,10 +110,10 @@ def train_step(engine, batches, accum: int, cfg, step: int, specials) -> tuple[d
         with engine.autocast():
             loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials, denom=denom)
         engine.backward(loss / accum)
+        router = metrics.pop("router")
         for k, v in metrics.items():
             # tensors are averaged over micro-batches; plain numbers (block_size) are per-step constants
             sums[k] = sums.get(k, 0) + v.detach().float() / accum if torch.is_tensor(v) else v
-        router = engine.unwrap().last_router
         loads = [s.load for s in router] if loads is None else [a + s.load for a, s in zip(loads, router)]
     result = engine.step(lr_at(step, cfg))
     # The logged losses are the global batch's, not rank 0's share (one all-reduce); n_masked stays this rank's

@@ -93,7 +93,7 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
     metrics dict of detached tensors / ints).
 
     metrics: loss, loss_diffusion, loss_text, loss_image, cap_entropy, aux_loss, masked_frac, acc_masked,
-    n_masked, block_size."""
+    n_masked, block_size, and router: the model's per-MoE-layer RouterStats (expert loads, entropy)."""
     if "x_t" not in batch:
         batch = corrupt(batch, cfg, step, specials, generator)
     x_t, masked, t, block_size, counted = (batch[k] for k in ("x_t", "masked", "t", "block_size", "counted"))
@@ -145,5 +145,5 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
                    loss_image=loss_image.detach(), cap_entropy=cap.detach(), aux_loss=out.aux_loss.detach(),
                    masked_frac=(n_masked / maskable.sum().clamp(min=1)).detach(),
                    acc_masked=(correct.sum() / n_masked.clamp(min=1)).detach(), n_masked=n_masked.detach(),
-                   block_size=block_size)
+                   block_size=block_size, router=out.router)
     return loss, metrics

@@ -75,7 +75,6 @@ class LLaDA2MoE(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.word_embeddings.weight
         self.activation_checkpointing = getattr(cfg, "activation_checkpointing", "none")  # none | full | selective
-        self.last_router: list[RouterStats] = []
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.word_embeddings(input_ids)
@@ -113,7 +112,6 @@ class LLaDA2MoE(nn.Module):
         h = self.model.norm(x)  # (sequence parallel gathers the positions here, see tensor_parallel.py)
         if logits_to_keep is not None:
             h = h[:, :logits_to_keep]
-        self.last_router = stats  # read by the trainer for logging and the bias update (the loss hides the output)
         logits = None if return_hidden else self.lm_head(h).float()
         return ModelOutput(logits=logits, aux_loss=aux_total, router=stats, kv=new_kv if use_cache else None,
                            hidden=h if return_hidden else None)
