@@ -85,13 +85,17 @@ class Engine:
     def _optim_entries(self) -> list[tuple]:
         """Shard-format entries (key, global_shape, offsets, sizes, tensor) of the AdamW moments this rank writes:
         by default the whole local moments of the pieces it owns. Collective where `_get_optim_state` is."""
-        optim, entries = self._get_optim_state(), []
-        for name, st in optim.items():
+        entries = []
+        for name, st in self._iter_optim_state():  # one parameter's moments at a time (they may be gathered)
             spec = self.specs[name]
-            if spec.owner:
-                entries += [(f"optim.{k}/{name}", spec.global_shape, offsets, sizes, st[k][local])
+            if spec.owner:  # keep only the owned boxes (copies), so the gathered moments are freed right away
+                entries += [(f"optim.{k}/{name}", spec.global_shape, offsets, sizes, st[k][local].clone())
                             for local, offsets, sizes in spec.boxes() for k in MOMENTS if k in st]
         return entries
+
+    def _iter_optim_state(self):
+        """(name, {moment: local tensor}) per parameter with state; engines that gather override it to stream."""
+        yield from self._get_optim_state().items()
 
     def _set_optim_state(self, states: dict[str, dict[str, torch.Tensor]], step: int) -> None:
         raise NotImplementedError

@@ -214,15 +214,19 @@ class DeepSpeedEngine(Engine):
         return self.cfg.parallel.zero_stage > 0
 
     def _get_optim_state(self):
-        out = {}
+        return dict(self._iter_optim_state())
+
+    def _iter_optim_state(self):
+        """Collective under ZeRO: each parameter's moments are gathered over DP one at a time (a save never holds
+        the whole model's moments at once)."""
         if not self._zero():
             for n, p in self._module.named_parameters():
                 st = self.optimizer.state.get(p, {})
                 if "exp_avg" in st:
-                    out[n] = {k: st[k] for k in MOMENTS}
-            return out
+                    yield n, {k: st[k] for k in MOMENTS}
+            return
         if self._optim_step() == 0:  # no optimizer step yet (e.g. SIGTERM before step 1): no AdamW state exists
-            return out
+            return
         from deepspeed.utils import safe_get_full_optimizer_state
         # DeepSpeed 0.19.8 links the AdamW state to the params once, right after stepping the *first* param group,
         # so later groups (no_decay, expert groups) stay linked to an empty state: relink now that all are stepped.
@@ -231,8 +235,7 @@ class DeepSpeedEngine(Engine):
         for n, p in self._module.named_parameters():
             st = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
             if all(v is not None for v in st.values()):
-                out[n] = st
-        return out
+                yield n, st
 
     def _set_optim_state(self, states, step: int) -> None:
         if not states:
