@@ -51,22 +51,25 @@ def test_one_rank_killed_alone_ends_the_job_naming_the_rank(tmp_path):
     exits 1 with a summary whose root cause is rank 1 (SIGKILL), about 4 s after the kill. No rank may be left."""
     run = tmp_path / "runs"
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "launch.cli", "launch", "local", str(TINY), f"run.dir={run}",
-                          "run.name=k", "train.steps=500", "train.collective_timeout_s=60", *SMALL, "--nproc", "2"],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "launch.log"
+    with open(log, "w") as f:  # a file, not a pipe nobody reads while the ranks run
+        p = subprocess.Popen([sys.executable, "-m", "launch.cli", "launch", "local", str(TINY), f"run.dir={run}",
+                              "run.name=k", "train.steps=500", "train.collective_timeout_s=60", *SMALL, "--nproc",
+                              "2"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
         metrics = run / "k" / "metrics.jsonl"
         _wait(lambda: (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) or p.poll() is not None, 180,
               lambda: "no step logged")
-        assert p.poll() is None, p.communicate()[0][-3000:]
+        assert p.poll() is None, log.read_text()[-3000:]
         ranks = _wait(lambda: (r := _rank_processes(run)) and len(r) == 2 and r, 30, lambda: "ranks not found")
         t0 = time.time()
         os.kill(ranks[1], signal.SIGKILL)
-        out, _ = p.communicate(timeout=120)
+        p.wait(timeout=120)
         took = time.time() - t0
     finally:
         if p.poll() is None:
             p.kill()
+    out = log.read_text()
     assert p.returncode != 0, out[-3000:]
     assert took < 60, f"the job took {took:.0f} s to end after a rank was killed"
     cause = out.split("Root Cause (first observed failure):", 1)[-1]
