@@ -94,3 +94,33 @@ def test_flex_and_sdpa_paths_agree():
     out_flex = attend(q, k, v, flex_training_mask(docs, bs))
     out_sdpa = attend(q, k, v, dense_training_mask(docs, bs))
     torch.testing.assert_close(out_flex, out_sdpa, atol=2e-5, rtol=1e-4)
+
+
+def test_dense_path_refuses_a_mask_that_cannot_fit_with_the_numbers():
+    from training.diffusion.masks import dense_training_mask
+    doc = torch.zeros(64, 65536, dtype=torch.long)  # 64 sequences of 65,536 tokens: x_t || x_0 = 131,072 positions
+    with pytest.raises(MemoryError, match=r"64 x 131072 x 131072 positions needs 1024\.0 GiB"):
+        dense_training_mask(doc, 32)
+
+
+@pytest.mark.e2e
+def test_flex_mask_at_seq_len_8192_follows_the_rule():
+    """seq_len 8192 with x_0: 16,384 positions on the FlexAttention path (the dense path would need 256 MiB per
+    sequence); the block mask agrees with the rule at sampled positions, across a document boundary."""
+    from training.diffusion.masks import bd_mask_mod, flex_training_mask
+    from training.diffusion.schedule import block_size_at
+    L, bs = 8192, 32
+    doc = torch.zeros(1, L, dtype=torch.long)
+    doc[0, 5000:] = 1
+    mask = flex_training_mask(doc, block_size_at([[0, bs]], 0, L))
+    assert mask.shape == (1, 1, 2 * L, 2 * L)
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randint(0, 2 * L, (4000,), generator=g), torch.randint(0, 2 * L, (4000,), generator=g)
+    zero = torch.zeros((), dtype=torch.long)
+    want = bd_mask_mod(doc, bs)(zero, zero, q, kv)
+    got = mask.mask_mod(zero, zero, q, kv)
+    assert torch.equal(got, want) and want.any() and not want.all()
+    # the tiles the kernel skips are empty in the rule: blocks of 128 x 128 in which no pair may attend
+    dense_rows = mask.to_dense()[0, 0]  # [2L/128, 2L/128] tile occupancy
+    qt, kt = q // 128, kv // 128
+    assert bool(dense_rows[qt[want], kt[want]].all())  # every allowed pair lies in a computed tile

@@ -13,6 +13,8 @@ called once on broadcast index grids, the dense boolean mask for SDPA. So the tw
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from training.diffusion.schedule import whole_sequence
@@ -51,8 +53,19 @@ def doc_mask_mod(doc_ids: torch.Tensor):
     return mask_mod
 
 
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _dense(mask_mod, batch: int, length: int, device) -> torch.Tensor:
     """Evaluate a mask_mod on broadcast index grids -> bool [B, 1, length, length] (one vectorised call)."""
+    need = batch * length * length  # bytes of the bool mask (its int64 index grids broadcast, never materialised)
+    limit = _host_memory_bytes() // 4 if device.type == "cpu" else None
+    if limit is not None and need > limit:
+        raise MemoryError(f"a dense attention mask of {batch} x {length} x {length} positions needs "
+                          f"{need / 2**30:.1f} GiB, more than a quarter of this machine's {_host_memory_bytes() / 2**30:.0f} "
+                          f"GiB: use the FlexAttention path (model.attention=flex, on CUDA), a shorter train.seq_len "
+                          f"or a smaller micro batch")
     b = torch.arange(batch, device=device)[:, None, None, None]
     q = torch.arange(length, device=device)[None, None, :, None]
     kv = torch.arange(length, device=device)[None, None, None, :]
