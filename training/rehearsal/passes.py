@@ -27,7 +27,8 @@ from data_pipeline.text_tokenizer import specials_for
 from training import accelerator
 from training.config import load_config
 from training.engines import build_engine, megatron_cpu_compat as compat
-from training.rehearsal.dispatch import Audit, DeviceGuardFree, RehearsalMode, presented_as_meta
+from training.rehearsal.dispatch import Audit, RehearsalMode
+from training.rehearsal.guards import DeviceGuardFree, presented_as_meta
 from training.trainer import _any_rank, host_metrics, train_step
 
 
