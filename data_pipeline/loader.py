@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_pipeline.layout import SpecialTokens
 from data_pipeline.packing import PAD_DOC, materialise_row, plan_rows
 from data_pipeline.token_shards import TASKS, TokenShards
+from training.config_errors import ConfigError
 
 TokenSource = TokenShards  # the earlier name
 
@@ -151,13 +152,24 @@ class TokenLoader(_Cursor):
         if len(vocabs) > 1:
             raise ValueError(f"data.datasets mixes token dirs with different vocab layouts: {vocabs}")
         self.vocab = self.sources[0].vocab
-        self.specials = manifest_specials(self.sources[0], dcfg)
+        self.specials = manifest_specials(self.sources[0], dcfg)  # (pad, mask, ...) from manifest.json
         self.pad_id = self.specials.pad
         self.block_size = block_size if (block_size and dcfg.pad_to_block) else None
         self.drop_too_long = dcfg.drop_too_long
         self.num_workers = dcfg.num_workers
         self.stats: dict = {}
         self._plan_cache: tuple | None = None
+
+    def specials_for(self, mcfg) -> SpecialTokens:
+        """The shards' special ids, once the model's vocab layout is checked against the one they were written
+        with (image id = VQ id + image_token_offset)."""
+        v = self.vocab
+        if mcfg.image_token_offset != v["image_token_offset"] or mcfg.vocab_size < v["vocab_size"]:
+            raise ConfigError(f"model.image_token_offset={mcfg.image_token_offset} / model.vocab_size="
+                              f"{mcfg.vocab_size} do not match the token shards' layout (manifest.json: "
+                              f"image_token_offset={v['image_token_offset']}, vocab_size={v['vocab_size']}): use "
+                              f"model.image_token_offset={v['image_token_offset']} model.vocab_size={v['vocab_size']}")
+        return self.specials
 
     def plan(self, epoch: int):
         if self._plan_cache and self._plan_cache[0] == epoch:

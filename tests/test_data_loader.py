@@ -208,3 +208,22 @@ def test_elastic_resume_keeps_the_global_sample_order(data_env):  # noqa: F811
     other = build_loader(d, SEQ, 2, 0, 4, seed=3, global_batch_size=16)
     with pytest.raises(ValueError, match="global_batch_size=8"):
         other.load_state_dict(saved)
+
+
+@pytest.mark.e2e
+def test_training_takes_special_ids_from_the_manifest_not_the_tokenizer(data_env, tmp_path):  # noqa: F811
+    """Token shards carry their special ids and vocab layout: training runs with no tokenizer file at all, and a
+    model whose vocab layout differs from the shards' is refused naming both."""
+    from tests.conftest import ROOT
+    from training.config import ConfigError, load_config
+    from training.trainer import train
+    d, _, _ = data_env
+    words = [f"data.raw_dir={d.raw_dir}", f"data.token_dir={d.token_dir}", "data.split=val",
+             f"data.text_tokenizer={tmp_path / 'no-such-tokenizer.json'}", "train.steps=1", "train.seq_len=128",
+             "train.micro_batch_size=2", "train.global_batch_size=2", "train.precision=fp32", "train.save_every=0",
+             "tracking.wandb=disabled", f"run.dir={tmp_path}"]
+    last = train(load_config(ROOT / "configs/model/tiny.yaml", [*words, "run.name=ok"]))
+    assert np.isfinite(last["loss"])
+    with pytest.raises(ConfigError, match="image_token_offset=2048"):
+        train(load_config(ROOT / "configs/model/tiny.yaml", [*words, "run.name=bad", "model.image_token_offset=2176",
+                                                               "model.vocab_size=2432"]))

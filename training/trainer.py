@@ -168,7 +168,6 @@ def train(cfg: Config) -> dict:
     run_dir = cfg.run_dir
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
-    specials = specials_for(cfg)
     torch.manual_seed(cfg.train.seed + w.rank)
     np.random.seed(cfg.train.seed + w.rank)
     random.seed(cfg.train.seed + w.rank)
@@ -179,6 +178,8 @@ def train(cfg: Config) -> dict:
                           block_size=pad_multiple(cfg.diffusion.block_schedule, cfg.train.seq_len),
                           global_batch_size=cfg.train.global_batch_size)
     batches = iter(loader)
+    # token shards carry their special ids and vocab layout (manifest.json): training needs no tokenizer file
+    specials = loader.specials_for(cfg.model) if hasattr(loader, "specials_for") else specials_for(cfg)
 
     ckpts = CheckpointManager(run_dir, keep_last=cfg.train.keep_last)
     start = 0
