@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from launch.config import redact_override
-from launch.layout import check_world
+from training.engines.world import check_layout
 from launch.registry import check_command
 from training import accelerator
 from training.config_errors import ConfigError
@@ -49,7 +49,7 @@ def cmd_launch_local(cfg, args) -> int:
     if nproc < 0:
         raise ConfigError(f"--nproc {nproc} is not allowed: must be >= 0 (0 = one per GPU, or 1)")
     nproc = nproc or _visible_gpus() or 1
-    check_world(cfg, 1, nproc, train_batch=command == "train")
+    check_layout(cfg, nproc, train_batch=command == "train")
     # The same words the user gave (config + overrides): ranks resolve the config exactly as this process did, but
     # for secret values, which would show in `ps` and in the line below: the ranks get them from rank_env.
     words = [redact_override(w) for w in args.words if w.endswith((".yaml", ".yml")) or

@@ -163,7 +163,7 @@ def cmd_plan(cfg, args) -> int:
     overrides = _overrides(args, engine)
     cfg = load_config(args.config, overrides)  # fail on a bad layout before starting any child
     from training.engines.world import check_layout
-    check_layout(cfg, world)
+    check_layout(cfg, world, nodes)
     procs = {w: _run_pass(w, args.config, overrides, args.rank, world, gpn) for w in ("device", "memory")}
     dev, mem = _collect(procs["device"], "device"), _collect(procs["memory"], "memory")
     report = summarize(cfg, dev, mem, nodes, gpn, args.rank)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from launch.config import REDACTED, LaunchConfig, is_secret, redact_override
-from launch.layout import check_world
+from training.engines.world import check_layout
 from launch.registry import check_command
 from training.config import ConfigError, save_config
 
@@ -226,7 +226,7 @@ def launch_slurm(cfg, args, rank_command: str | None = None) -> list[str]:
         return _launch_array(cfg, args, lc, slurm_dir, workdir, config_snapshot, dry, rank_command)
     command = getattr(args, "command", None) or "train"
     check_command(command)
-    check_world(cfg, lc.nodes, lc.ranks_per_node(), lc.gpus_per_node, train_batch=command == "train")
+    check_layout(cfg, lc.nodes * lc.ranks_per_node(), lc.nodes, lc.gpus_per_node, train_batch=command == "train")
     script_path = slurm_dir / f"{command.replace(' ', '-')}.sbatch"
     text = render_train_script(lc, cfg.run.name, slurm_dir, workdir,
                                rank_command or unidiff_command(command, config_snapshot), script_path,

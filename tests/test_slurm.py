@@ -17,7 +17,7 @@ import time
 import pytest
 
 from launch.config import LaunchConfig, time_limit_seconds
-from launch.layout import check_world
+from training.engines.world import check_layout
 from launch.slurm import LaunchError, launch_slurm, render_array_scripts
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: the real cluster)
 from tests.slurm_jobs import FINAL, TINY, job_logs, launch_args, master_port, slurm_env  # noqa: F401
@@ -62,6 +62,10 @@ def test_array_scripts_cover_every_shard_once(tmp_path):
                            capture_output=True, text=True, check=True)
         got.append(tuple(map(int, r.stdout.split())))
     assert got == [(0, 3), (3, 6), (6, 7)]
+
+
+def check_world(cfg, nodes, per_node, gpus_per_node=0):
+    return check_layout(cfg, nodes * per_node, nodes, gpus_per_node)
 
 
 @pytest.mark.unit

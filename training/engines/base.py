@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from training.engines.shard_format import ShardReader, write_meta, write_rank_shards
 from training.engines.sharding import ShardSpec
-from training.engines.world import ParallelWorld
+from training.engines.world import ParallelWorld, accum_steps
 from training.state_file import read_state, state_exists, write_state
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,7 @@ class Engine:
 
     def global_batch_accum(self) -> int:
         """Micro-batches per optimizer step on each rank (global batch / (micro batch x DP))."""
-        t = self.cfg.train
-        per_step = t.micro_batch_size * self.world.dp_size
-        if t.global_batch_size % per_step:
-            from training.config import ConfigError
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not allowed: must be a multiple of "
-                              f"train.micro_batch_size x data-parallel size = {per_step}")
-        return t.global_batch_size // per_step
+        return accum_steps(self.cfg, self.world.dp_size)
 
     # ---- optimizer state in model space (engine specific) ----------------------------------------------------
     def _get_optim_state(self) -> dict[str, dict[str, torch.Tensor]]:

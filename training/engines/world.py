@@ -124,15 +124,44 @@ def set_group_timeouts(groups, timeout_s: int) -> None:
         dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), g)
 
 
-def check_layout(cfg, world_size: int) -> int:
-    """Fail before any work starts when the parallel layout cannot tile `world_size` ranks; returns the DP size."""
-    par = cfg.parallel
-    dp = par.data_parallel(world_size)  # raises ConfigError naming tensor/pipeline/expert
-    if world_size % par.expert:
-        raise ConfigError(f"parallel.expert={par.expert} is not allowed with {world_size} ranks: must divide the "
+def check_layout(cfg, world_size: int, nodes: int = 1, gpus_per_node: int = 0, train_batch: bool = True) -> int:
+    """The one check of the world / parallel-layout / batch rules, called by the launchers (`launch local|slurm`,
+    `plan`) before anything starts and by the engines at build: a 64-GPU job that would die at step 0 fails in a
+    second, naming the flag or key to change. Returns the data-parallel size. `train_batch`: also the backbone's
+    batch rule (for `train`)."""
+    p = cfg.parallel
+    per_node = world_size // max(nodes, 1)
+    where = f"{nodes} node(s) x {per_node} rank(s) = {world_size} ranks"
+    if gpus_per_node and per_node != gpus_per_node:
+        raise ConfigError(f"--gpus-per-node={gpus_per_node} with {per_node} ranks per node: one rank drives "
+                          f"one GPU, so set --nproc {gpus_per_node} (or leave it at 0)")
+    if nodes > 1 and p.tensor > per_node:
+        raise ConfigError(f"parallel.tensor={p.tensor} is larger than the {per_node} ranks per node: tensor-"
+                          f"parallel groups must stay inside a node (they all-reduce every layer); lower "
+                          f"parallel.tensor or raise --gpus-per-node")
+    try:
+        dp = p.data_parallel(world_size)  # raises ConfigError naming tensor/pipeline/expert
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}; choose --nodes/--gpus-per-node so the world size is a multiple of "
+                          f"parallel.tensor x parallel.pipeline = {p.tensor * p.pipeline} and of parallel.expert x "
+                          f"parallel.expert_tensor = {p.expert * p.expert_tensor}") from None
+    if world_size % p.expert:
+        raise ConfigError(f"parallel.expert={p.expert} is not allowed with {world_size} ranks: must divide the "
                           "world size")
-    t = cfg.train
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not allowed with {dp} data-parallel "
-                          f"ranks: must be a multiple of train.micro_batch_size x DP = {t.micro_batch_size * dp}")
+    if train_batch:
+        accum_steps(cfg, dp, where)
     return dp
+
+
+def accum_steps(cfg, dp: int, where: str = "") -> int:
+    """Micro-batches per optimizer step on each rank: global batch / (micro batch x DP), which must divide."""
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        usable = t.global_batch_size // t.micro_batch_size
+        raise ConfigError(f"{where + ' gives ' if where else ''}{dp} data-parallel ranks, but train.global_batch_size="
+                          f"{t.global_batch_size} is not a multiple of train.micro_batch_size x data-parallel = "
+                          f"{t.micro_batch_size} x {dp}: the data-parallel size must divide global / micro = {usable}, "
+                          f"so at most {usable} data-parallel ranks can be used; ask for fewer GPUs or raise "
+                          f"train.global_batch_size")
+    return t.global_batch_size // per_step
