@@ -25,18 +25,13 @@ import torch
 from training import accelerator
 from training.config import Config, save_config
 from training.diffusion.schedule import block_size_at, pad_multiple, whole_sequence
+from training.lr_schedule import wsd
 
 
 def lr_at(step: int, cfg) -> float:
-    """Warmup-stable-decay: linear warmup, constant, linear decay to min_lr over the last decay_steps."""
+    """The backbone's warmup-stable-decay schedule (training/lr_schedule.py)."""
     t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    decay_start = t.steps - t.decay_steps
-    if t.decay_steps > 0 and step >= decay_start:
-        frac = (step - decay_start + 1) / t.decay_steps
-        return t.lr + (t.min_lr - t.lr) * min(frac, 1.0)
-    return t.lr
+    return wsd(step, t.lr, t.min_lr, t.warmup_steps, t.steps, t.decay_steps)
 
 
 def flops_per_token(mcfg, seq_len: int, block_diffusion: bool, masked_frac: float = 1.0) -> float:

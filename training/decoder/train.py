@@ -8,13 +8,11 @@ from __future__ import annotations
 import copy
 import importlib
 import itertools
-import math
 import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -28,20 +26,11 @@ from training.decoder.pairs import batches, decoder_pairs
 from training.decoder.release import load_weights
 from training.decoder.sigvq import TokenDecoder
 from training import accelerator
+from training.lr_schedule import warmup_cosine
 from training.tracking import Tracker
 
 def build_decoder(dcfg) -> TokenDecoder:
     return TokenDecoder(dcfg)
-
-
-def _lr_lambda(warmup: int, total: int, floor: float) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        p = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-
-    return f
 
 
 class EMA:
@@ -149,7 +138,7 @@ def train_decoder(cfg, progress: bool = True) -> tuple[Path, TokenDecoder]:
     model = build_decoder(d)
     if d.init_from:
         load_weights(model, d.init_from, d.sigvq_from)
-    stepper = _Stepper(model, d.lr, d.weight_decay, d.grad_clip, _lr_lambda(d.warmup_steps, d.train_steps, d.min_lr / d.lr),
+    stepper = _Stepper(model, d.lr, d.weight_decay, d.grad_clip, lambda s: warmup_cosine(s, 1.0, d.min_lr / d.lr, d.warmup_steps, d.train_steps),
                        engine=d.engine, zero_stage=d.zero_stage, batch_size=d.batch_size)
     rank, world = _rank_world()
     module = stepper.module
