@@ -149,9 +149,11 @@ def _nan_on_rank1(rank, world, tmp_path, extra):
 def test_nan_on_one_rank_skips_the_same_steps_everywhere_and_stops_together(tmp_path, extra):
     """Rank 1's loss is NaN from step 2 on, rank 0's stays finite. The gradient all-reduce (and the grad norm's,
     summed over the world: with EP=2 the expert gradients are not all-reduced) carries the NaN to every rank, so
-    every rank skips steps 2, 3, 4 and raises at step 4 together; one rank going on alone would hang the other."""
+    every rank skips steps 2, 3, 4 and raises at step 4 together, naming rank 1; one rank going on alone would hang
+    the other."""
     res = run_distributed(_nan_on_rank1, 2, tmp_path, extra, timeout=240)
     want = [(0, False), (1, False), (2, True), (3, True), (4, True)]
     assert [r[0] for r in res] == [want, want], res
     for _, msg in res:
-        assert "3 consecutive steps had a non-finite loss or gradient (last at step 4)" in msg, msg
+        assert ("3 consecutive steps had a non-finite loss or gradient (last at step 4; non-finite loss on rank(s) "
+                "[1])") in msg, msg  # the rank whose own loss went bad is named

@@ -131,7 +131,8 @@ def test_non_finite_guard_counts_across_a_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(diffusion, "diffusion_loss", poisoned)
     args = ("tracking.wandb=disabled", "train.max_consecutive_nonfinite=3")
     _train(_cfg(tmp_path, "nan", *args, "train.stop_after=3"))  # steps 0..2: one non-finite, then a stop
-    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .* \(last at step 4\)"):
+    with pytest.raises(FloatingPointError,
+                       match=r"3 consecutive steps .* \(last at step 4; non-finite loss on rank\(s\) \[0\]\)"):
         _train(_cfg(tmp_path, "nan", *args))
     rows = read_metrics(tmp_path / "nan")
     assert [(r["step"], r["skipped_total"]) for r in rows][-2:] == [(3, 2), (4, 3)]
@@ -202,7 +203,8 @@ def test_trainer_under_engine_resumes_exactly_and_guards_non_finite(tmp_path, en
     assert history == pytest.approx({s: loss for s, (loss, _) in whole.items()})
     out = run_distributed(_engine_train, 2, tmp_path, "nan", engine,
                           ["tracking.wandb=disabled", "train.max_consecutive_nonfinite=2"], poison_from=2, timeout=400)
-    assert out[0] == out[1] and "2 consecutive steps" in out[0] and "(last at step 3)" in out[0], out
+    assert out[0] == out[1] and "2 consecutive steps" in out[0], out
+    assert "(last at step 3; non-finite loss on rank(s) [1])" in out[0], out  # the rank with the bad loss
     rows = read_metrics(tmp_path / "nan")
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1]
 

@@ -76,6 +76,14 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _which_ranks(flag: bool, w) -> str:
+    """Collective (every rank stops at the same step): the ranks whose own loss was non-finite."""
+    t = torch.zeros(w.world_size)
+    t[w.rank] = float(flag)
+    bad = accelerator.all_reduce_host(t).nonzero().flatten().tolist()
+    return f"non-finite loss on rank(s) {bad}" if bad else "the loss was finite on every rank, a gradient was not"
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """The loader yields host tensors; every step moves them to the engine's device here, and only here."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -99,12 +107,13 @@ def train_step(engine, batches, accum: int, cfg, step: int, specials) -> tuple[d
     if cfg.diffusion.normalize == "token":
         total = engine.all_reduce_dp(torch.stack([n["counted"].sum() for n in noised]).sum().float())
         denom = total.clamp(min=1) / (w.dp_size * accum)  # the engines average gradients over dp, we over accum
-    sums: dict = {"tokens": sum(b["input_ids"].numel() for b in raw)}
+    sums: dict = {"tokens": sum(b["input_ids"].numel() for b in raw), "nonfinite_local": 0}
     loads = None
     for batch in noised:
         with engine.autocast():
             loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials, denom=denom)
         engine.backward(loss / accum)
+        sums["nonfinite_local"] = sums["nonfinite_local"] + (~torch.isfinite(loss.detach())).float()
         router = metrics.pop("router")
         for k, v in metrics.items():
             # tensors are averaged over micro-batches; plain numbers (block_size) are per-step constants
@@ -113,7 +122,7 @@ def train_step(engine, batches, accum: int, cfg, step: int, specials) -> tuple[d
     result = engine.step(lr_at(step, cfg))
     # The logged losses are the global batch's, not rank 0's share (one all-reduce); n_masked stays this rank's
     # count per micro-batch (the rehearsal reads it back exactly: its value is known from the batch alone).
-    keys = [k for k, v in sums.items() if torch.is_tensor(v) and k != "n_masked"]
+    keys = [k for k, v in sums.items() if torch.is_tensor(v) and k not in ("n_masked", "nonfinite_local")]
     if keys and w.dp_size > 1:
         mean = engine.all_reduce_dp(torch.stack([sums[k].reshape(()) for k in keys]), op="mean")
         sums.update(zip(keys, mean.unbind()))
@@ -208,6 +217,7 @@ def train(cfg: Config) -> dict:
         sums, result, loads = train_step(engine, batches, accum, cfg, step, specials)
         sums = host_metrics(sums)
         tokens = int(sums.pop("tokens"))
+        local_nonfinite = sums.pop("nonfinite_local") > 0  # this rank's own loss (the logged one is the DP mean)
         skipped = bool(result["skipped"])
         nonfinite_run = nonfinite_run + 1 if skipped else 0
         skipped_total += int(skipped)
@@ -226,8 +236,8 @@ def train(cfg: Config) -> dict:
         if nonfinite_run >= cfg.train.max_consecutive_nonfinite:
             tracker.close()
             raise FloatingPointError(
-                f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                f"stopping. Lower train.lr (now {cfg.train.lr}) or check the data; the last good checkpoint is "
+                f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}; "
+                f"{_which_ranks(local_nonfinite, w)}); stopping. Lower train.lr (now {cfg.train.lr}) or check the data; the last good checkpoint is "
                 f"{ckpts.latest_valid()}")
 
         steps_this_run += 1
