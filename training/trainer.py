@@ -237,8 +237,8 @@ def train(cfg: Config) -> dict:
             tracker.close()
             raise FloatingPointError(
                 f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}; "
-                f"{_which_ranks(local_nonfinite, w)}); stopping. Lower train.lr (now {cfg.train.lr}) or check the data; the last good checkpoint is "
-                f"{ckpts.latest_valid()}")
+                f"{_which_ranks(local_nonfinite, w)}); stopping. Lower train.lr (now {cfg.train.lr}) or check the "
+                f"data; the last good checkpoint is {ckpts.latest_valid()}")
 
         steps_this_run += 1
         done = step + 1
