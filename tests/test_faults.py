@@ -54,10 +54,16 @@ def _kill_and_compare(tmp_path, launcher, words, *, seed, kills, steps, timeout_
     timings = run_uninterrupted(ref, timeout_s=timeout_s)
     report = run_with_kills(got, seed=seed, kills=kills, steps=steps, save_every=2, timings=timings,
                             timeout_s=timeout_s)
+    return _assert_reproduced(ref, got, report, kills, steps, min_mid_write=min_mid_write)
+
+
+def _assert_reproduced(ref, got, report, kills: int, steps: int, first: int = 0, min_mid_write: int = 0):
+    """The killed-and-rerun command left what the uninterrupted one did: every step's metrics (logged from step
+    `first`) and the final checkpoint, file by file."""
     why = report.describe()
     assert not report.completed_early and len(report.kills) >= kills, why
     assert report.mid_write() >= min_mid_write, why  # the harness really hit checkpoint writes
-    problems = compare_metrics(ref.run_dir, got.run_dir, steps)
+    problems = compare_metrics(ref.run_dir, got.run_dir, steps, first=first)
     assert not problems, "\n".join(problems[:20]) + "\n" + why
     final = f"checkpoints/step_{steps:06d}"
     assert checkpoint_hashes(got.run_dir / final) == checkpoint_hashes(ref.run_dir / final), why
@@ -176,13 +182,7 @@ def _stage_kill_and_compare(tmp_path, stage: str, words: list[str], *, out: str,
     seed = int(SEED) if SEED else seed
     report = run_with_kills(got, seed=seed, kills=kills, steps=steps, save_every=2,
                             timings=run_uninterrupted(ref, timeout_s=timeout_s), timeout_s=timeout_s)
-    why = report.describe()
-    assert not report.completed_early and len(report.kills) >= kills, why
-    problems = compare_metrics(ref.run_dir, got.run_dir, steps, first=1)
-    assert not problems, "\n".join(problems[:20]) + "\n" + why
-    final = f"checkpoints/step_{steps:06d}"
-    assert checkpoint_hashes(got.run_dir / final) == checkpoint_hashes(ref.run_dir / final), why
-    return report
+    return _assert_reproduced(ref, got, report, kills, steps, first=1)
 
 
 def test_train_decoder_survives_kills(tmp_path):

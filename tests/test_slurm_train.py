@@ -41,6 +41,16 @@ def _submit(env: dict, base: Path, name: str, *flags: str) -> str:
     return r.stdout.split("submitted job ")[1].split(":")[0]
 
 
+def _submit_and_wait_for_steps(cluster, base: Path, name: str) -> tuple[Path, str, str]:
+    """Submit the training job and wait until it has logged 3 steps: (run dir, job id, wandb run id)."""
+    run_dir = base / name
+    job = _submit(dict(os.environ), base, name)
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: lines(metrics) >= 3 or cluster.job(job).get("JobState") in FINAL, 240,
+               lambda: job_logs(run_dir))
+    return run_dir, job, (run_dir / "wandb_run_id").read_text().strip()
+
+
 def _losses(run_dir: Path) -> dict[int, float]:
     """Last logged loss per step (a step re-run after a resume overwrites the earlier line)."""
     out = {}
@@ -91,12 +101,7 @@ def test_preempted_job_resumes_with_identical_losses_and_wandb_run(slurm_env, un
     """Signal the batch shell mid-run exactly as `--signal=B:USR1@lead` does at the pre-timeout point; the ranks
     save, the job requeues itself, resumes from `latest`, and ends with the uninterrupted losses."""
     cluster = slurm_env
-    run_dir = tmp_path / "pre"
-    job = _submit(dict(os.environ), tmp_path, "pre")
-    metrics = run_dir / "metrics.jsonl"
-    wait_until(lambda: lines(metrics) >= 3 or cluster.job(job).get("JobState") in FINAL, 240,
-               lambda: job_logs(run_dir))
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    run_dir, job, run_id = _submit_and_wait_for_steps(cluster, tmp_path, "pre")
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     info = cluster.wait_state(job, FINAL, timeout_s=300)
     logs = job_logs(run_dir)
@@ -180,12 +185,7 @@ def test_external_scontrol_requeue_saves_on_sigterm_and_resumes(slurm_env, unint
     `wandb.log` raised ConnectionResetError, rank 0 died before saving and rank 1 with "Connection closed by
     peer"; the job restarted from the last periodic checkpoint. The tracker now goes on without wandb."""
     cluster = slurm_env
-    run_dir = tmp_path / "ext"
-    job = _submit(dict(os.environ), tmp_path, "ext")
-    metrics = run_dir / "metrics.jsonl"
-    wait_until(lambda: lines(metrics) >= 3 or cluster.job(job).get("JobState") in FINAL, 240,
-               lambda: job_logs(run_dir))
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    run_dir, job, run_id = _submit_and_wait_for_steps(cluster, tmp_path, "ext")
     cluster.run("scontrol", "requeue", job)
     info = cluster.wait_state(job, FINAL, timeout_s=300)
     logs = job_logs(run_dir)
