@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from data_pipeline.image_tokenizer.fit_codebook import iter_raw_images
+from data_pipeline.image_tokenizer.raw_images import iter_raw_images
 from data_pipeline.image_tokenizer.load import load_image_tokenizer
 from data_pipeline.image_tokenizer.prepare import pixel_values, sized_image
 from data_pipeline.image_tokenizer.preprocess import to_pixel_values

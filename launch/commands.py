@@ -1,5 +1,5 @@
 """The command handlers of the CLI, each `(cfg, args) -> exit code`: thin over the library's typed entries (model info,
-HF import/export, train, data make-sample, tokenizer fit-codebook, pretokenize, eval, generate). The flags are in
+HF import/export, train, data make-sample, tokenizer fit-codebook / train, pretokenize, eval, generate). The flags are in
 launch/registry.py. (train-decoder and distill still have their handlers in training/decoder/train.py.)"""
 from __future__ import annotations
 
@@ -117,6 +117,20 @@ def cmd_fit_codebook(cfg, args) -> int:
 
     single_thread_unless_set()
     fit_codebook(cfg.data, getattr(args, "out", None))
+    return 0
+
+
+def cmd_tokenizer_train(cfg, args) -> int:
+    """`unidiff tokenizer train CONFIG`: optional args.out (default data.image_tokenizer.path); any number of ranks
+    (`launch local --command "tokenizer train"`)."""
+    from data_pipeline.image_tokenizer.fit_codebook import single_thread_unless_set
+    from training.config import save_config
+    from training.tokenizer.train import train_tokenizer
+
+    single_thread_unless_set()
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(cfg, Path(cfg.run_dir) / "tokenizer" / "config.yaml")
+    train_tokenizer(cfg, getattr(args, "out", None))
     return 0
 
 

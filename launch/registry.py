@@ -70,6 +70,8 @@ COMMANDS: dict[str, tuple[str, Flags, str]] = {
                          "write the bundled raw sample shards (real photos from wheels + procedural shapes) to OUT"),
     "tokenizer fit-codebook": ("launch.commands:cmd_fit_codebook", _flags_out,
                                "fit the SigLIP-VQ codebook by spherical k-means on ViT features"),
+    "tokenizer train": ("launch.commands:cmd_tokenizer_train", _flags_out,
+                        "train the SigLIP-VQ tokenizer: ViT + text tower (sigmoid loss), then the codebook (VQ)"),
     "pretokenize": ("launch.commands:cmd_pretokenize", _flags_pretokenize,
                     "raw shards -> token shards in the official layout + manifest.json (resumable)"),
     "eval": ("launch.commands:cmd_eval", _flags_eval,

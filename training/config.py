@@ -23,6 +23,7 @@ from launch.config import LaunchConfig
 from training.config_errors import ConfigError, check as _check
 from training.decoder.config import DecoderConfig, DistillConfig
 from training.diffusion.config import DiffusionConfig
+from training.tokenizer.config import TokenizerTrainConfig
 
 
 @dataclass
@@ -205,6 +206,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

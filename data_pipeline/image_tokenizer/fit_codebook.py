@@ -10,7 +10,6 @@ the shapes detector) and distinct palette colours must get distinct codes.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import json
 import math
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_pipeline import shapes
-from data_pipeline.formats import ImageLimits, Quarantine, iter_tar_samples, parse_sample
 from data_pipeline.image_tokenizer.load import (ImageTokenizer, build_image_tokenizer, load_image_tokenizer,
                                                 save_image_tokenizer)
+from data_pipeline.image_tokenizer.probe import shape_probe
+from data_pipeline.image_tokenizer.raw_images import iter_raw_images
 from data_pipeline.image_tokenizer.prepare import pixel_values, prepare_pixels
 from data_pipeline.image_tokenizer.preprocess import from_pixel_values
 
@@ -35,31 +35,6 @@ def single_thread_unless_set() -> None:
     contention), so CPU commands default to one thread unless OMP_NUM_THREADS says otherwise."""
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
         torch.set_num_threads(1)
-
-
-def iter_raw_images(raw_split_dir: str | Path, dcfg, limit: int | None = None, dedupe: bool = False):
-    """(key, PIL image, meta) for every image of every valid raw sample of a split, in shard order
-    (dedupe: skip pixel-identical repeats, e.g. the shapes scene shared by a caption pair and a VQA sample)."""
-    limits = ImageLimits(dcfg.max_input_pixels, dcfg.max_aspect)
-    n, seen = 0, set()
-    for shard in sorted(Path(raw_split_dir).glob("*.tar")):
-        for key, members, err in iter_tar_samples(shard):
-            if err:
-                continue
-            try:
-                s = parse_sample(key, members, limits)
-            except Quarantine:
-                continue
-            for img in s.images:
-                if dedupe:
-                    h = hashlib.sha1(img.tobytes()).digest() + repr(img.size).encode()
-                    if h in seen:
-                        continue
-                    seen.add(h)
-                yield key, img, s.meta
-                n += 1
-                if limit is not None and n >= limit:
-                    return
 
 
 def understanding_pixels(img, icfg, model: ImageTokenizer) -> torch.Tensor:
@@ -174,19 +149,24 @@ def codebook_report(model: ImageTokenizer, dcfg, train_pixels: list[torch.Tensor
     return report
 
 
+def initial_tokenizer(icfg, init_from: str = "") -> ImageTokenizer:
+    """The tokenizer a fit or a training run starts from: the dir `init_from` (with its codebook rebuilt when
+    data.image_tokenizer.num_embeddings asks for another size), else a seeded random one from `icfg`."""
+    if not init_from:
+        return build_image_tokenizer(icfg)
+    model = load_image_tokenizer(init_from)
+    if model.codebook_size != icfg.num_embeddings:  # new codebook size: rebuild the embedding
+        model.vqmodel.quantize.embedding = torch.nn.Embedding(icfg.num_embeddings, model.vqmodel.config.embed_dim)
+        model.vqmodel.config.num_embeddings = icfg.num_embeddings
+    return model
+
+
 def fit_codebook(dcfg, out: str | Path | None = None, progress: bool = True) -> dict:
     icfg = dcfg.image_tokenizer
     out = Path(out or icfg.path)
     t0 = time.time()
     torch.manual_seed(icfg.seed)
-    if icfg.vit_init:
-        model = load_image_tokenizer(icfg.vit_init)
-        if model.codebook_size != icfg.num_embeddings:  # new codebook size: rebuild the embedding
-            model.vqmodel.quantize.embedding = torch.nn.Embedding(icfg.num_embeddings,
-                                                                  model.vqmodel.config.embed_dim)
-            model.vqmodel.config.num_embeddings = icfg.num_embeddings
-    else:
-        model = build_image_tokenizer(icfg)
+    model = initial_tokenizer(icfg, icfg.vit_init)
     raw = Path(dcfg.raw_dir)
     pixels = [understanding_pixels(img, icfg, model) for _, img, _ in
               tqdm(iter_raw_images(raw / "train", dcfg, dedupe=True), desc="fit-codebook: read images", disable=not progress)]
@@ -206,12 +186,14 @@ def fit_codebook(dcfg, out: str | Path | None = None, progress: bool = True) -> 
                                        icfg.num_embeddings),
               "vit": icfg.vit_init or f"random(seed={icfg.seed})", "fingerprint": fingerprint}
     report.update(codebook_report(model, dcfg, pixels, raw / "val"))
+    report.update(shape_probe(model, dcfg))
     report["seconds"] = round(time.time() - t0, 2)
     (out / "codebook_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     vu = report.get("val_usage", report["fit_usage"])
     print(f"fit-codebook: {report['images']} images, {n_total} patches -> {icfg.num_embeddings} codes; val "
           f"perplexity {vu['perplexity']}, dead {vu['dead']}, detect-from-codes "
-          f"{report.get('val_shapes_detect_from_codes', 'n/a')}, colours disjoint "
+          f"{report.get('val_shapes_detect_from_codes', 'n/a')}, shape-kind probe "
+          f"{report.get('probe_shape_kind', 'n/a')}, colours disjoint "
           f"{report['flat_colour_codes_disjoint']} -> {out} in {report['seconds']}s")
     return report
 
