@@ -148,7 +148,7 @@ def run_engine_steps(engine, cfg, steps: int = 2, start: int = 0) -> dict:
             sl = slice(m * micro, (m + 1) * micro)
             with engine.autocast():
                 loss = loss_fn(engine.model, ids[sl], tgt[sl]) / accum
-            engine.backward(loss)
+            engine.backward(loss, last_microbatch=m == accum - 1)
             total += float(loss)
         out = engine.step(cfg.train.lr)
         losses.append(float(engine.all_reduce_dp(torch.tensor(total), "mean")))

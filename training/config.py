@@ -146,7 +146,12 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    # bf16: bf16 params and activations, fp32 master weights in the optimizer, fp32 gradient accumulation (router
+    # scores and expert_bias in fp32) | fp32: fp32 params, no autocast
+    precision: str = "bf16"
+    # gradient all-reduce / reduce-scatter overlapped with the backward (megatron DDP overlap_grad_reduce, DeepSpeed
+    # ZeRO-2 overlap_comm; native: never): auto = on when the device is CUDA | true | false
+    overlap_grad_reduce: str = "auto"
     seed: int = 1234
     save_every: int = 50  # steps between periodic checkpoints (0: only at the end and on signals)
     keep_last: int = 3
@@ -164,6 +169,8 @@ class TrainConfig:
         _check(self.engine in ("native", "megatron", "deepspeed"), "train.engine", self.engine,
                "native | megatron | deepspeed")
         _check(self.precision in ("bf16", "fp32"), "train.precision", self.precision, "bf16 | fp32")
+        _check(str(self.overlap_grad_reduce).lower() in ("auto", "true", "false"), "train.overlap_grad_reduce",
+               self.overlap_grad_reduce, "auto | true | false")
         _check(self.steps >= 1, "train.steps", self.steps, ">= 1")
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, ">= 1")
         _check(self.collective_timeout_s >= 1, "train.collective_timeout_s", self.collective_timeout_s, ">= 1")

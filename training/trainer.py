@@ -109,10 +109,10 @@ def train_step(engine, batches, accum: int, cfg, step: int, specials) -> tuple[d
         denom = total.clamp(min=1) / (w.dp_size * accum)  # the engines average gradients over dp, we over accum
     sums: dict = {"tokens": sum(b["input_ids"].numel() for b in raw), "nonfinite_local": 0}
     loads = None
-    for batch in noised:
+    for i, batch in enumerate(noised):
         with engine.autocast():
             loss, metrics = diffusion_loss(engine.model, batch, cfg.diffusion, step, specials, denom=denom)
-        engine.backward(loss / accum)
+        engine.backward(loss / accum, last_microbatch=i == accum - 1)
         sums["nonfinite_local"] = sums["nonfinite_local"] + (~torch.isfinite(loss.detach())).float()
         router = metrics.pop("router")
         for k, v in metrics.items():

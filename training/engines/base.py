@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from training import accelerator
 from training.engines.shard_format import ShardReader, write_meta, write_rank_shards
 from training.engines.sharding import ShardSpec
 from training.engines.world import ParallelWorld, accum_steps
@@ -43,7 +44,9 @@ class Engine:
     def unwrap(self):
         raise NotImplementedError
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last_microbatch: bool = True) -> None:
+        """Accumulate this micro-batch's gradients; `last_microbatch`: the step's last one (an engine that
+        overlaps the gradient reduction with the backward starts it there)."""
         raise NotImplementedError
 
     def step(self, lr: float) -> dict:
@@ -100,6 +103,23 @@ class Engine:
     def _after_load_params(self) -> None:
         """Refresh engine-side copies (master weights) after params were overwritten in place."""
 
+    def _load_masters(self, reader: ShardReader) -> None:
+        """Engines whose fp32 masters live outside the module (megatron, DeepSpeed under train.precision=bf16) set
+        them here from the checkpoint's fp32 values: the module's copy was rounded to bf16 (resume stays exact)."""
+
+    def _iter_saved_tensors(self):
+        """(name, local tensor) of what `save` writes for params and buffers; engines with fp32 masters outside the
+        module yield the masters' values for the params (or skip them and write them with `_optim_entries`)."""
+        yield from self._local_tensors().items()
+
+    def _bf16_params(self) -> bool:
+        return self.cfg.train.precision == "bf16"
+
+    def overlap_grad_reduce(self) -> bool:
+        """train.overlap_grad_reduce resolved: auto = on when this run takes the CUDA branch (also rehearsed)."""
+        setting = str(self.cfg.train.overlap_grad_reduce).lower()
+        return accelerator.cuda() if setting == "auto" else setting == "true"
+
     def layout(self) -> dict:
         w = self.world
         return {"engine": self.name, "world_size": w.world_size, "tensor": w.tp_size, "expert": w.ep_size,
@@ -119,7 +139,7 @@ class Engine:
         ckpt_dir = Path(ckpt_dir)
         w = self.world
         entries = self._optim_entries()  # collective: every rank calls it
-        for name, t in self._local_tensors().items():
+        for name, t in self._iter_saved_tensors():
             spec = self.specs[name]
             if spec.owner:
                 entries += [(name, spec.global_shape, offsets, sizes, t[local]) for local, offsets, sizes in spec.boxes()]
@@ -151,6 +171,7 @@ class Engine:
         elif self.world.is_main:
             log.warning("checkpoint %s has no optimizer state: starting the optimizer fresh", ckpt_dir)
         self._set_optim_state(states, int(reader.meta.get("optimizer", {}).get("step", 0)) if have_optim else 0)
+        self._load_masters(reader)
         extra_path = ckpt_dir / "extra" / f"rank{self.world.rank:05d}"
         if not state_exists(extra_path):
             extra_path = ckpt_dir / "extra" / "rank00000"
@@ -168,7 +189,7 @@ class Engine:
     def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
         """Set the weights from an unsharded state dict in the model's own names (e.g. an HF import)."""
         from training.engines.sharding import load_full
-        load_full(self.unwrap(), self.specs, full, strict=False)
+        load_full(self._local_tensors(), self.specs, full, strict=False)
         self._after_load_params()
 
     @torch.no_grad()

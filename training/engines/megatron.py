@@ -15,6 +15,7 @@ DDP's reduction (what finalize_model_grads does for megatron's own sequence-para
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -97,6 +98,10 @@ class MegatronEngine(Engine):
         self.world = _megatron_world(cfg)
         model, self.specs = build_sharded_model(cfg, self.world, MegatronTPComm(self.world.tp_group))
         self._module = model
+        bf16 = self._bf16_params()
+        if bf16:  # the distributed optimizer keeps the fp32 main params; buffers (expert_bias) stay fp32
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
 
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -108,13 +113,15 @@ class MegatronEngine(Engine):
                                  sequence_parallel=self.world.sequence_parallel, use_cpu_initialization=True,
                                  num_moe_experts=m.num_experts, moe_router_topk=m.num_experts_per_tok,
                                  expert_tensor_parallel_size=par.expert_tensor, add_bias_linear=m.use_bias,
-                                 params_dtype=torch.float32)
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                 params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16)
+        # fp32 grad buffers in both precisions: bf16 grads are accumulated over micro-batches and reduced in fp32
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                overlap_grad_reduce=self.overlap_grad_reduce(),
                                                 use_distributed_optimizer=True, check_for_nan_in_grad=False)
         self.opt_cfg = OptimizerConfig(optimizer="adam", lr=cfg.train.lr, min_lr=cfg.train.min_lr,
                                        weight_decay=cfg.train.weight_decay, adam_beta1=cfg.train.betas[0],
                                        adam_beta2=cfg.train.betas[1], adam_eps=1e-8, clip_grad=cfg.train.grad_clip,
-                                       use_distributed_optimizer=True, bf16=False, fp16=False)
+                                       use_distributed_optimizer=True, bf16=bf16, fp16=False)
         with compat.cpu_device_mode():
             self.model = DistributedDataParallel(tcfg, ddp_cfg, model)
             self.optimizer = get_megatron_optimizer(self.opt_cfg, [self.model])
@@ -123,8 +130,11 @@ class MegatronEngine(Engine):
     def unwrap(self):
         return self._module
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()  # megatron DDP hooks accumulate into the fp32 main_grad buffers
+    def backward(self, loss: torch.Tensor, last_microbatch: bool = True) -> None:
+        # megatron DDP hooks accumulate into the fp32 main_grad buffers; with overlap_grad_reduce a bucket's
+        # reduce-scatter starts in the backward of the step's last micro-batch, as soon as its grads are final
+        with contextlib.nullcontext() if last_microbatch else self.model.no_sync():
+            loss.backward()
 
     @torch.no_grad()
     def _finalize_grads(self) -> None:
@@ -188,11 +198,29 @@ class MegatronEngine(Engine):
             if rng is None:
                 continue
             st = opt._get_main_param_and_optimizer_states(p)
-            for k in MOMENTS:
-                if k in st:
-                    entries += [(f"optim.{k}/{n}", spec.global_shape, off, size, box)
-                                for off, size, box in range_entries(spec, rng.start, st[k])]
+            keys = {f"optim.{k}/{n}": k for k in MOMENTS if k in st}
+            if self._bf16_params():
+                keys[n] = "param"  # the fp32 main param (the module holds bf16), in the same DP-sharded ranges
+            for key, k in keys.items():
+                entries += [(key, spec.global_shape, off, size, box)
+                            for off, size, box in range_entries(spec, rng.start, st[k])]
         return entries
+
+    def _iter_saved_tensors(self):
+        """Under bf16 the trained params are written by `_optim_entries` from the fp32 main params instead."""
+        skip = {n for n, p in self._module.named_parameters() if p.requires_grad} if self._bf16_params() else set()
+        yield from ((n, t) for n, t in self._local_tensors().items() if n not in skip)
+
+    @torch.no_grad()
+    def _load_masters(self, reader) -> None:
+        if not self._bf16_params():
+            return
+        for n, p in self._module.named_parameters():
+            opt, rng = self._owning(p) if p.requires_grad else (None, None)
+            if rng is not None:
+                gi, go = opt.model_param_group_index_map[p]
+                main = opt.optimizer.param_groups[gi]["params"][go]
+                main.copy_(reader.read_local(n, self.specs[n], dtype=torch.float32).reshape(-1)[rng.start:rng.end])
 
     def _set_optim_state(self, states, step: int) -> None:
         if not states:

@@ -1,5 +1,9 @@
 """The torch-only engine: single process, data parallel (grad all-reduce), tensor/sequence parallel and expert
-parallel (all-to-all) over torch process groups; torch AdamW with fp32 master weights (the params themselves).
+parallel (all-to-all) over torch process groups; torch AdamW on fp32 master weights: the params themselves under
+train.precision=fp32, fp32 copies of bf16 params under bf16 (`master.py`).
+
+train.overlap_grad_reduce does not apply here: the gradient all-reduces run once per step, after the last backward
+(coalesced per group); megatron and DeepSpeed overlap them with the backward.
 
 Gradient reduction after backward, per parameter kind (derivation in docs/engines.md):
     tp_partial (router, shared expert, q/k norms; norms with SP)   sum over the TP group
@@ -16,6 +20,7 @@ import torch.distributed as dist
 from training.config_errors import ConfigError
 from training.engines.base import Engine, MOMENTS, no_decay
 from training.engines.expert_parallel import shard_experts
+from training.engines.master import MasterWeights
 from training.engines.sharding import assign_owners, default_specs, init_local, mark_params
 from training.engines.tensor_parallel import TorchTPComm, apply_tensor_parallel
 from training.engines.world import ParallelWorld, build_world
@@ -57,21 +62,27 @@ class NativeEngine(Engine):
         self.world = world or build_world(par.tensor, par.expert, par.sequence_parallel,
                                           timeout_s=cfg.train.collective_timeout_s, etp=par.expert_tensor)
         self.model, self.specs = build_sharded_model(cfg, self.world)
-        self._names = {p: n for n, p in self.model.named_parameters()}
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr,
+        self.master = MasterWeights(self.model) if cfg.train.precision == "bf16" else None
+        # the tensors the optimizer steps and whose .grad is reduced: fp32 masters, or the fp32 params themselves
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.params = {n: self.master.of[p] for n, p in named.items()} if self.master else named
+        groups = param_groups(self.model, cfg)
+        if self.master:
+            groups = [{**g, "params": [self.master.of[p] for p in g["params"]]} for g in groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr,
                                            betas=tuple(cfg.train.betas), eps=1e-8)
 
     def unwrap(self):
         return self.model
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last_microbatch: bool = True) -> None:
         loss.backward()
 
     @torch.no_grad()
     def _reduce_grads(self) -> None:
         w = self.world
         buckets = {"tp": [], "dp": [], "edp": []}
-        for n, p in self.model.named_parameters():
+        for n, p in self.params.items():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             spec = self.specs[n]
@@ -89,7 +100,7 @@ class NativeEngine(Engine):
     def grad_norm(self) -> float:
         """Global L2 norm: each distinct gradient element counted once (by its owner), summed over the world."""
         sq = torch.zeros((), dtype=torch.float64, device=self.world.device)
-        for n, p in self.model.named_parameters():
+        for n, p in self.params.items():
             if self.specs[n].owner and p.grad is not None:
                 sq += p.grad.double().pow(2).sum()
         if self.world.world_size > 1:
@@ -107,25 +118,35 @@ class NativeEngine(Engine):
         clip = self.cfg.train.grad_clip
         if clip > 0 and norm > clip:
             coef = clip / (norm + 1e-6)
-            for p in self.model.parameters():
+            for p in self.params.values():
                 p.grad.mul_(coef)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master:
+            self.master.copy_back()
         return {"grad_norm": norm, "skipped": False}
 
     # ---- optimizer state in model space ---------------------------------------------------------------------
+    def _local_tensors(self):
+        """Params as the optimizer holds them (the fp32 masters under bf16): checkpoints store and load those."""
+        return {**dict(self.model.named_parameters()), **self.params, **dict(self.model.named_buffers())}
+
+    def _after_load_params(self) -> None:
+        if self.master:
+            self.master.copy_back()
+
     def _get_optim_state(self):
         out = {}
-        for n, p in self.model.named_parameters():
+        for n, p in self.params.items():
             st = self.optimizer.state.get(p, {})
             if "exp_avg" in st:
                 out[n] = {k: st[k] for k in MOMENTS}
         return out
 
     def _set_optim_state(self, states, step: int) -> None:
-        for n, p in self.model.named_parameters():
+        for n, p in self.params.items():
             if n in states:
                 self.optimizer.state[p] = {"step": torch.tensor(float(step)),
                                            **{k: v.to(p.device, torch.float32).clone() for k, v in states[n].items()}}

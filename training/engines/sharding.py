@@ -171,10 +171,10 @@ def init_local(model, specs: dict[str, ShardSpec], seed: int) -> None:
 
 
 @torch.no_grad()
-def load_full(model, specs: dict[str, ShardSpec], full: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy this rank's slices out of a full state dict in the model's own names."""
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
+def load_full(own: dict[str, torch.Tensor], specs: dict[str, ShardSpec], full: dict[str, torch.Tensor],
+              strict: bool = True) -> None:
+    """Copy this rank's slices out of a full state dict in the model's own names into `own` (the engine's
+    `_local_tensors`: params and buffers, or the fp32 masters of the params)."""
     missing = [n for n in own if n not in full]
     unexpected = [n for n in full if n not in own]
     if strict and (missing or unexpected):
