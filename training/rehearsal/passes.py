@@ -164,9 +164,9 @@ def _count_backward_collectives(engine, audit: Audit) -> dict:
     counted: dict = {}
     run = engine.backward
 
-    def backward(loss):
+    def backward(loss, **kwargs):
         before = {k: dict(v) for k, v in audit.collectives.items()}
-        run(loss)
+        run(loss, **kwargs)
         for key, st in audit.collectives.items():
             was = before.get(key, {"calls": 0, "bytes": 0})
             if st["calls"] > was["calls"]:
