@@ -94,7 +94,7 @@ def device_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
             accum = engine.global_batch_accum()
             with _fake_free():
                 batches = _batches(cfg, engine.world, accum)
-            engine.backward = lambda loss: None  # no autograd on fake cuda (it aborts the CPU build)
+            engine.backward = lambda loss, **kw: None  # no autograd on fake cuda (it aborts the CPU build)
             with torch.no_grad():
                 sums, result, loads = train_step(engine, iter(batches), accum, cfg, 0, specials_for(cfg))
             host_metrics(sums)
