@@ -29,6 +29,9 @@ class EvalConfig:
     elbo_eps: float = 1e-3  # t is never below this (t estimator)
     choice_mc: int = 8  # Monte Carlo draws per (question, candidate); LLaDA uses 128 (1 for 1-token answers)
     choice_normalize: str = "sum"  # sum: total NELBO of the answer (LLaDA) | mean: per answer token
+    # understanding tasks (vqa, choice, caption) also score the same items with the prompt's image tokens masked
+    # (the image-blind control, evals/controls.py); costs a second pass over their items
+    image_blind: bool = True
     # --- vqa / caption: answers generated with the block sampler ---
     vqa_gen_length: int = 8  # max answer tokens (shapes answers are 1-2 words)
     caption_gen_length: int = 32  # max caption tokens

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from evals.context import TaskResult
 
+CONTROLS = ("answer_prior", "image_blind")  # the understanding tasks' controls beside chance (evals/controls.py)
 HEADLINE = {"elbo": "nelbo_per_token", "choice": "accuracy", "vqa": "accuracy", "caption": "f1", "t2i": "overall",
             "reconstruction": None, "speed": "text/tokens_per_forward"}
 
@@ -43,12 +44,13 @@ def _table(rows: list[dict]) -> list[str]:
 def to_markdown(results: list[TaskResult], meta: dict, figures: dict[str, str]) -> str:
     lines = ["# unidiff eval report", ""]
     lines += [f"- {k}: `{v}`" for k, v in meta.items()]
-    lines += ["", "## Summary", "", "| task | status | metric | score | baseline / chance | seconds |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Summary", "", "| task | status | metric | score | baseline / chance | answer prior | image-blind "
+              "| seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         m, s, b = headline(r)
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
-        lines.append(f"| {r.name} | {status} | {m} | {s} | {b} | {r.seconds:.1f} |")
+        controls = " | ".join(_fmt(r.baselines.get(k, "")) for k in CONTROLS)
+        lines.append(f"| {r.name} | {status} | {m} | {s} | {b} | {controls} | {r.seconds:.1f} |")
     for r in results:
         lines += ["", f"## {r.name}", ""]
         if r.status != "ok":
@@ -79,7 +81,7 @@ def write_report(results: list[TaskResult], out_dir: Path, meta: dict, figures: 
         base = r.baselines.get(key, next((v for k, v in r.baselines.items() if key and k.endswith(key.split("/")[-1])),
                                          None)) if key else None
         summary.append({"task": r.name, "status": r.status, "metric": key, "score": r.scores.get(key),
-                        "baseline": base, "reason": r.reason})
+                        "baseline": base, **{k: r.baselines.get(k) for k in CONTROLS}, "reason": r.reason})
     doc = {"meta": meta, "summary": summary, "tasks": {r.name: r.to_json() for r in results}, "figures": figures}
     jpath, mpath = out_dir / "report.json", out_dir / "report.md"
     jpath.write_text(json.dumps(doc, indent=1, default=str))

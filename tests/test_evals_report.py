@@ -38,7 +38,9 @@ def test_report_files_exist_and_parse(tmp_path_factory, tmp_path):
     assert 0 < summary["choice"]["baseline"] < 1
     assert doc["tasks"]["vqa"]["scores"]["accuracy"] == 1.0 and "accuracy" in doc["tasks"]["vqa"]["baselines"]
     md = (out / "report.md").read_text()
-    assert "| task | status | metric | score | baseline / chance | seconds |" in md
+    assert "| task | status | metric | score | baseline / chance | answer prior | image-blind | seconds |" in md
+    for task in ("vqa", "choice", "caption"):  # every understanding task states its two controls beside chance
+        assert summary[task]["answer_prior"] is not None and summary[task]["image_blind"] is not None, task
     for png in ("loss_curves.png", "expert_load_train.png", "t2i_teacher.png", "reconstruction.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in md
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

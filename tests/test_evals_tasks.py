@@ -51,6 +51,36 @@ def test_vqa_and_caption_oracle_perfect_uniform_zero(env):
     assert u.scores["accuracy"] == 0.0
 
 
+def test_controls_answer_prior_and_image_blind(env):
+    from evals.controls import answer_prior, blind_prompt, blinded
+    from evals.tasks.choice import ChoiceTask
+    from evals.tasks.vqa import CaptionTask, VQATask
+
+    tmp, ho, oracle = env
+    _, specials, _ = fx.tokenizers(tmp)
+    ctx = fx.context(tmp, oracle, ho, choice_mc=4)
+    prompt = ho.vqa[0].prompt
+    image = [i for i, t in enumerate(prompt) if 2048 <= t < 2304]
+    b = blind_prompt(prompt, 2048, 256, specials.mask)
+    assert image and len(b) == len(prompt) and all(b[i] == specials.mask for i in image)
+    assert all(x == y for i, (x, y) in enumerate(zip(b, prompt)) if i not in image)  # the frame and text stay
+    assert blinded(ctx, ho.vqa[:1])[0].prompt == b and ho.vqa[0].prompt == prompt  # copies, the items unchanged
+    assert answer_prior(["a", "a", "b", "c", "c", "c"], ["x", "x", "x", "y", "y", "z"]) == (
+        pytest.approx(5 / 6), {"x": pytest.approx(2 / 3), "y": 1.0, "z": 1.0})
+    # the oracle reads the image: blind, every caption prompt is the same, so at most one caption comes out right
+    c = CaptionTask().run(ctx)
+    assert c.scores["f1"] == 1.0 and c.baselines["image_blind"] < 0.9 and "answer_prior" in c.baselines
+    for task in (VQATask(), ChoiceTask()):
+        r = task.run(ctx)
+        assert r.baselines["image_blind"] <= r.scores["accuracy"] and 0 < r.baselines["answer_prior"] <= 1
+        assert all({"answer_prior", "image_blind", "chance"} <= set(row) for row in r.tables["per_type"])
+    # a model that ignores the image scores the same blind; the control is off when asked
+    u = VQATask().run(fx.context(tmp, UniformModel(2304), ho, vqa_gen_length=4))
+    assert u.baselines["image_blind"] == u.scores["accuracy"] == 0.0
+    off = VQATask().run(fx.context(tmp, UniformModel(2304), ho, vqa_gen_length=4, image_blind=False))
+    assert "image_blind" not in off.baselines
+
+
 def test_t2i_oracle_reaches_detector_ceiling(env, tmp_path):
     from evals.tasks.t2i import T2ITask
 

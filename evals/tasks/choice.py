@@ -4,13 +4,15 @@ tokens, weight n/l, stratified l), and the lowest bound wins. Candidates of one 
 (common random numbers), so their difference is not swamped by Monte Carlo noise. A tie between k candidates gives
 1/k credit when the right one is among them, so a model that cannot tell them apart scores exactly chance.
 
-Baseline: chance = mean over questions of 1 / #candidates (per question type in the table).
+Baselines: chance = mean over questions of 1 / #candidates, the answer prior (always the type's most frequent right
+answer) and the image-blind control (evals/controls.py), overall and per question type in the table.
 """
 from __future__ import annotations
 
 import torch
 
 from evals.context import EvalContext, HeldOutTask, TaskResult
+from evals.controls import answer_prior, blinded
 from evals.likelihood import LikelihoodItem, nelbo_draws
 from evals.tasks.elbo import elbo_block_size
 from training.accelerator import all_reduce_host
@@ -56,23 +58,34 @@ class ChoiceTask(HeldOutTask):
         from tqdm import tqdm
 
         qtypes = sorted({it.qtype for it in items})
-        # Per question type: [credit, count, chance]; additive, so ranks can all-reduce them.
-        acc = torch.zeros(len(qtypes), 3, dtype=torch.float64)
+        blind = ctx.ecfg.image_blind
+        # Per question type: [credit, count, chance, image-blind credit]; additive, so ranks can all-reduce them.
+        acc = torch.zeros(len(qtypes), 4, dtype=torch.float64)
         samples = []
-        mine = [(i, it) for i, it in enumerate(items) if i % ctx.world == ctx.rank]
-        for i, it in tqdm(mine, desc="choice", disable=not (ctx.ecfg.progress and ctx.is_main), leave=False):
+        mine = [(i, it, b) for i, (it, b) in enumerate(zip(items, blinded(ctx, items) if blind else items))
+                if i % ctx.world == ctx.rank]
+        for i, it, b in tqdm(mine, desc="choice", disable=not (ctx.ecfg.progress and ctx.is_main), leave=False):
             nelbo = score_candidates(ctx, it.prompt, it.candidates, it.key)
+            blind_credit = credit(score_candidates(ctx, b.prompt, b.candidates, b.key), b.answer) if blind else 0.0
             q = qtypes.index(it.qtype)
-            acc[q] += torch.tensor([credit(nelbo, it.answer), 1.0, 1.0 / len(it.candidates)], dtype=torch.float64)
+            acc[q] += torch.tensor([credit(nelbo, it.answer), 1.0, 1.0 / len(it.candidates), blind_credit],
+                                   dtype=torch.float64)
             if len(samples) < 8 and it.labels:
                 samples.append({"qtype": it.qtype, "answer": it.labels[it.answer],
                                 "chosen": it.labels[int(nelbo.argmin())],
                                 "nelbo": [round(float(x), 4) for x in nelbo]})
         acc = all_reduce_host(acc)  # host sums travel through the device under NCCL
         total = acc.sum(0)
+        # every rank holds every item: the prior needs no reduction
+        prior, prior_by_type = answer_prior([it.labels[it.answer] if it.labels else str(it.answer) for it in items],
+                                            [it.qtype for it in items])
+        baselines = {"accuracy": float(total[2] / total[1]), "answer_prior": prior}
+        if blind:
+            baselines["image_blind"] = float(total[3] / total[1])
         res = TaskResult(self.name, scores={"accuracy": float(total[0] / total[1]), "items": float(total[1])},
-                         baselines={"accuracy": float(total[2] / total[1])}, samples=samples)
+                         baselines=baselines, samples=samples)
         res.tables["per_type"] = [{"type": q, "accuracy": round(float(a[0] / a[1]), 4),
-                                   "chance": round(float(a[2] / a[1]), 4), "n": int(a[1])}
+                                   "chance": round(float(a[2] / a[1]), 4), "answer_prior": round(prior_by_type[q], 4),
+                                   **({"image_blind": round(float(a[3] / a[1]), 4)} if blind else {}), "n": int(a[1])}
                                   for q, a in zip(qtypes, acc) if a[1] > 0]
         return res

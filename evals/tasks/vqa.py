@@ -2,16 +2,18 @@
 configured diffusion.sample_* settings), decoded up to the first EOS.
 
 vqa: exact match against the shapes answer key (`data_pipeline.shapes.score_answer`), overall and per question type.
-  Baselines: chance (1 / size of the type's answer set) and the answer prior (always the most frequent reference
-  answer of the type in these items).
+  Baselines: chance (1 / size of the type's answer set), the answer prior (always the most frequent reference
+  answer of the type in these items) and the image-blind control (evals/controls.py).
 caption: word-overlap F1 (bag of words, lower-cased, punctuation stripped) and exact match with the reference.
-  Baseline: the F1 of each reference against another item's reference, i.e. what the caption template alone earns.
+  Baselines: the F1 of each reference against another item's reference, i.e. what the caption template alone earns
+  (the caption's answer prior), and the image-blind control.
 """
 from __future__ import annotations
 
 from collections import Counter
 
 from evals.context import EvalContext, HeldOutTask, TaskResult
+from evals.controls import answer_prior, blinded
 
 
 def words(text: str) -> list[str]:
@@ -57,25 +59,35 @@ class VQATask(HeldOutTask):
 
         answers, nfe = generate_answers(ctx, [it.prompt for it in items], ctx.ecfg.vqa_gen_length, "vqa")
         hits = [score_answer(it.reference, a) for it, a in zip(items, answers)]
+        blind_hits = None
+        if ctx.ecfg.image_blind:
+            blind, _ = generate_answers(ctx, [it.prompt for it in blinded(ctx, items)], ctx.ecfg.vqa_gen_length,
+                                        "vqa (image-blind)")
+            blind_hits = [score_answer(it.reference, a) for it, a in zip(items, blind)]
+        prior, prior_by_type = answer_prior([it.reference for it in items], [it.qtype for it in items])
         by_type: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             by_type.setdefault(it.qtype, []).append(i)
-        table, chance_sum, prior_sum = [], 0.0, 0.0
+        table, chance_sum = [], 0.0
         for q, idx in sorted(by_type.items()):
             try:
                 chance = 1.0 / len(answer_set(q))
             except ValueError:
                 chance = 0.0
-            top = Counter(items[i].reference for i in idx).most_common(1)[0][1]
             chance_sum += chance * len(idx)
-            prior_sum += top
-            table.append({"type": q, "accuracy": round(sum(hits[i] for i in idx) / len(idx), 4),
-                          "chance": round(chance, 4), "answer_prior": round(top / len(idx), 4), "n": len(idx)})
+            row = {"type": q, "accuracy": round(sum(hits[i] for i in idx) / len(idx), 4), "chance": round(chance, 4),
+                   "answer_prior": round(prior_by_type[q], 4)}
+            if blind_hits is not None:
+                row["image_blind"] = round(sum(blind_hits[i] for i in idx) / len(idx), 4)
+            table.append({**row, "n": len(idx)})
         n = len(items)
         samples = [{"question": it.question, "expected": it.reference, "generated": a, "correct": bool(h),
                     "qtype": it.qtype} for it, a, h in list(zip(items, answers, hits))[:8]]
+        baselines = {"accuracy": chance_sum / n, "answer_prior": prior}
+        if blind_hits is not None:
+            baselines["image_blind"] = sum(blind_hits) / n
         res = TaskResult(self.name, scores={"accuracy": sum(hits) / n, "items": float(n), "nfe": float(nfe)},
-                         baselines={"accuracy": chance_sum / n, "answer_prior": prior_sum / n}, samples=samples)
+                         baselines=baselines, samples=samples)
         res.tables["per_type"] = table
         return res
 
@@ -94,6 +106,10 @@ class CaptionTask(HeldOutTask):
         shifted = [overlap_f1(items[i].reference, items[(i + 1) % n].reference) for i in range(n)] if n > 1 else [0.0]
         samples = [{"reference": it.reference, "generated": c, "f1": round(f, 4)}
                    for it, c, f in list(zip(items, caps, f1))[:8]]
+        baselines = {"f1": sum(shifted) / len(shifted), "exact": 0.0, "answer_prior": sum(shifted) / len(shifted)}
+        if ctx.ecfg.image_blind:
+            blind, _ = generate_answers(ctx, [it.prompt for it in blinded(ctx, items)], ctx.ecfg.caption_gen_length,
+                                        "caption (image-blind)")
+            baselines["image_blind"] = sum(overlap_f1(it.reference, c) for it, c in zip(items, blind)) / n
         return TaskResult(self.name, scores={"f1": sum(f1) / n, "exact": sum(exact) / n, "items": float(n),
-                                             "nfe": float(nfe)},
-                          baselines={"f1": sum(shifted) / len(shifted), "exact": 0.0}, samples=samples)
+                                             "nfe": float(nfe)}, baselines=baselines, samples=samples)
