@@ -78,7 +78,9 @@ class DataConfig:
     synthetic: bool = False  # train on seeded synthetic token data (no shards needed)
     synthetic_vocab_size: int = 2304  # synthetic mode when only the data section is given: ids in [0, this)
     num_workers: int = 0  # loader worker processes (0: in the main process)
-    pretokenize_workers: int = 0  # processes over shards; 0: one per GPU, else min(cpu count, shards)
+    # pretokenize: CPU processes (read, decode, resize, write) beside each image tokenizer process (one per GPU, or
+    # one on a CPU-only machine); 0: the CPU cores left, divided between the tokenizer processes
+    pretokenize_workers: int = 0
     image_tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     # pretokenize: raw -> token samples
@@ -86,6 +88,9 @@ class DataConfig:
     t2i_uncond_prob: float = 0.1  # share of t2i samples whose caption is replaced by <uncondition> (for CFG)
     max_input_pixels: int = 4096 * 4096  # raw images above this are quarantined (decompression-bomb guard)
     max_aspect: float = 20.0  # raw images with max(w,h)/min(w,h) above this are quarantined
+    # store every image's generation-crop VQ ids (+ a pointer to its raw bytes) for the diffusion decoder's
+    # training pairs (decoder.data_source=shards); costs one tokenizer forward per image that has no t2i sample
+    decoder_pairs: bool = True
     # loader
     datasets: dict[str, float] = field(default_factory=dict)  # name -> mixing weight; token_dir/<split> sub-datasets;
     # empty: every dataset in the manifest, weighted by its size

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from data_pipeline.sources import ShardReader
+from data_pipeline.tar_writer import write_tar  # noqa: F401  (the writer of every project tar)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
@@ -38,6 +38,7 @@ class RawSample:
     key: str
     kind: str  # interleaved | caption | vqa
     images: list[Image.Image] = field(default_factory=list)  # decoded, in document order
+    image_members: list[str] = field(default_factory=list)  # the member each image was decoded from (its ext)
     texts: list[str] = field(default_factory=list)  # caption: [caption]; interleaved: text segments
     order: list[tuple[str, int]] = field(default_factory=list)  # interleaved: ("text"|"image", index) in order
     turns: list[tuple[str, str]] = field(default_factory=list)  # vqa: (question, answer) pairs
@@ -45,27 +46,6 @@ class RawSample:
 
 
 # ------------------------------------------------------------------------------------------------ tar I/O
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
-    return ti
-
-
-def write_tar(path: str | Path, samples, sort_members: bool = True) -> None:
-    """Write [(key, {ext: bytes})] deterministically (fixed mtime/owner) via a temp file + atomic rename,
-    so a killed writer never leaves a shard that looks finished and reruns give byte-identical files."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for key, members in samples:
-            if "." in key:
-                raise ValueError(f"sample key {key!r} contains '.', which WebDataset reads as an extension")
-            for ext in (sorted(members) if sort_members else members):
-                data = members[ext]
-                tf.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-    tmp.replace(path)
-
 
 def iter_tar_samples(path: str | Path):
     """Yield (key, {ext: bytes}, error) per sample of a local tar; a truncated/corrupt tar ends the stream with one
@@ -155,6 +135,7 @@ def parse_sample(key: str, members: dict[str, bytes], limits: ImageLimits) -> Ra
                     raise Quarantine("missing_image", f"json images[{i}]={im!r} has no member {key}.{im}")
                 s.order.append(("image", len(s.images)))
                 s.images.append(decode_image(members[im], limits))
+                s.image_members.append(im)
         if not s.texts:
             raise Quarantine("empty_text", "interleaved document has no text")
         return s
@@ -181,12 +162,13 @@ def parse_sample(key: str, members: dict[str, bytes], limits: ImageLimits) -> Ra
                 q = None
         if not turns:
             raise Quarantine("empty_text", "conversation has no answered question")
-        return RawSample(key, "vqa", images=[image], turns=turns, meta=meta)
+        return RawSample(key, "vqa", images=[image], image_members=img_exts[:1], turns=turns, meta=meta)
 
     if "txt" in members:
         try:
             cap = members["txt"].decode("utf-8")
         except UnicodeDecodeError as e:
             raise Quarantine("wrong_type", f"txt is not UTF-8: {e}") from None
-        return RawSample(key, "caption", images=[image], texts=[_text(cap, "txt").strip()], meta=meta)
+        return RawSample(key, "caption", images=[image], image_members=img_exts[:1], texts=[_text(cap, "txt").strip()],
+                         meta=meta)
     raise Quarantine("missing_key", f"image without txt or json conversations/texts; members {sorted(members)}")

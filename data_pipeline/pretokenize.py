@@ -1,175 +1,214 @@
 """`unidiff pretokenize`: raw shards -> token shards in the official layout + manifest.json.
 
-One output shard per input shard (`token_dir/<split>/<input name>.tar` + `.index.json`), processed by worker
-processes (one per GPU when GPUs exist). A shard counts as finished when its index exists with the current
-fingerprint, so a killed run restarted with the same command skips finished shards; outputs are a pure function
-of (input, tokenizers, config) and written deterministically, hence byte-identical on rerun.
+One output shard per input shard (`token_dir/<split>/<input name>.tar` + `.index.json`). Processes: one image
+tokenizer process per GPU (on a CPU-only machine, this process), each with `data.pretokenize_workers` CPU worker
+processes beside it that read, decode, resize and write whole shards (shard_tokenizer.py); the tokenizer process
+only runs forwards on the batches the workers send (shared memory) and sends the ids back, so it never waits on
+decoding. A shard counts as finished when its index exists with the current fingerprint, so a killed run restarted
+with the same command skips finished shards; outputs are a pure function of (input, tokenizers, config) and written
+deterministically (batches are cut per shard), hence byte-identical on rerun whatever the number of processes.
 Bad raw samples are quarantined with a reason and never stop the run; per split, inputs = ok + quarantined.
 Raw shards come from `data.raw_dir` or the URL lists `data.train_shards` / `data.val_shards` (sources.py). A shard
 whose transport failed counts as one input quarantined as `stream_failed` and stays unfinished: a rerun retries it.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import multiprocessing as mp
+import ctypes
+import math
 import os
+import queue
+import signal
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.multiprocessing as tmp
 from tqdm import tqdm
 
-from data_pipeline import layout
-from data_pipeline.formats import ImageLimits, Quarantine, parse_sample, write_tar
 from data_pipeline.image_tokenizer.load import load_image_tokenizer
-from data_pipeline.image_tokenizer.prepare import prepare_pixels
-from data_pipeline.manifest import build_manifest, index_path, read_index, tar_offsets, write_json_atomic
-from data_pipeline.sources import RawShard, ShardReader, list_raw_shards
-from data_pipeline.text_tokenizer import load_text_tokenizer, text_tokenizer_path, vocab_layout
+from data_pipeline.image_tokenizer.preprocess import normalise
+from data_pipeline.manifest import build_manifest, read_index
+from data_pipeline.shard_tokenizer import ImageTokenizerInfo, ShardTokenizer
+from data_pipeline import sources
+from data_pipeline.sources import RawShard, list_raw_shards
 from data_pipeline.token_shards import write_indices
 
-LAYOUT_VERSION = "llada2-uni-v1"
-SHARD_FORMAT = 2  # bump when the token shard or index format changes: finished shards are then redone
-CAPTION_PROMPT = "describe this image."
+WATCH_S = 5.0  # how often the tokenizer process checks that its workers are alive while it waits
 
 
-def _npy(a: np.ndarray) -> bytes:
-    b = io.BytesIO()
-    np.save(b, a, allow_pickle=False)
-    return b.getvalue()
+def _data_config(d: dict):
+    from data_pipeline.config import DataConfig, ImageTokenizerConfig, SampleConfig
+    d = dict(d)
+    d["image_tokenizer"] = ImageTokenizerConfig(**d["image_tokenizer"])
+    d["sample"] = SampleConfig(**d["sample"])
+    return DataConfig(**d)
 
 
-def _unit_hash(s: str) -> float:
-    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little") / 2 ** 64
+def _die_with_parent() -> None:
+    """A worker must not outlive its tokenizer process (SIGKILL, OOM): it would wait on its queues forever."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the parent's normal exit still ends the workers (daemon processes)
 
 
-class ShardTokenizer:
-    """Per-process state: both tokenizers loaded once, the config knobs that shape the output."""
+class _Channel:
+    """A worker's link to its tokenizer process. Batches are normalised straight into one of SLOTS shared-memory
+    slots (a slot's tensor crosses the queue once, when it is made or outgrown; afterwards a message is a slot
+    number and a shape: measured, a fresh shared tensor per batch cost the tokenizer process ~1 ms of CPU, 5% of
+    a 64-image forward here). A slot is reused once its batch's ids came back (they come back in order)."""
 
-    def __init__(self, dcfg, device: str = "cpu"):
-        self.dcfg = dcfg
-        self.icfg = dcfg.image_tokenizer
-        self.text = load_text_tokenizer(text_tokenizer_path(dcfg))
-        self.image = load_image_tokenizer(self.icfg.path, device)
-        self.specials = layout.SpecialTokens.from_tokenizer(self.text)
-        self.offset, self.vocab_size = vocab_layout(self.text, self.image.codebook_size)
-        self.limits = ImageLimits(dcfg.max_input_pixels, dcfg.max_aspect)
+    SLOTS = 3
 
-    def fingerprint(self) -> dict:
-        knobs = {k: getattr(self.dcfg, k) for k in ("caption_tasks", "t2i_uncond_prob", "max_input_pixels",
-                                                     "max_aspect")}
-        knobs.update({k: getattr(self.icfg, k) for k in ("resize_factor", "min_pixels", "max_pixels",
-                                                          "gen_max_patches")})
-        h = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:16]
-        fp = {"text": self.text.fingerprint, "image": self.image.fingerprint, "layout": LAYOUT_VERSION, "format": SHARD_FORMAT,
-              "config": h}
-        fp["all"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-        return fp
+    def __init__(self, wid: int, requests, responses, mean, std):
+        self.wid, self.requests, self.responses, self.mean, self.std = wid, requests, responses, mean, std
+        self.slots: list[torch.Tensor | None] = [None] * self.SLOTS
+        self.sent, self.received, self.ids = 0, 0, {}
 
-    def tokenize_shard(self, shard: RawShard, out_path: Path) -> dict:
-        t0 = time.time()
-        quarantine, parsed, truncated = [], [], ""
-        n_inputs = 0
-        reader = ShardReader(shard.url)
-        for key, members, err in reader:
-            n_inputs += 1
-            if err:
-                truncated = err
-                quarantine.append({"key": key, "reason": "truncated_tar", "detail": err})
-                continue
+    def _receive(self) -> None:
+        self.ids[self.received] = self.responses.get()
+        self.received += 1
+
+    def submit(self, u8: np.ndarray) -> int:
+        n, i = self.sent, self.sent % self.SLOTS
+        while self.received < n - self.SLOTS + 1:  # the slot's previous batch is still being read
+            self._receive()
+        new = None
+        if self.slots[i] is None or self.slots[i].numel() < u8.size:
+            self.slots[i] = new = torch.empty(u8.size).share_memory_()
+        b, h, w, c = u8.shape
+        normalise(u8, self.mean, self.std, out=self.slots[i][:u8.size].view(b, c, h, w))
+        self.requests.put(("batch", self.wid, (i, (b, c, h, w), new)))
+        self.sent += 1
+        return n
+
+    def result(self, n: int) -> np.ndarray:
+        while self.received <= n:
+            self._receive()
+        return self.ids.pop(n)
+
+
+def _worker(dcfg_dict: dict, image: ImageTokenizerInfo, jobs, requests, responses, wid: int) -> None:
+    """One CPU worker over whole shards: prepare shard k+1 (its batches go out as they fill) before finishing
+    shard k, so the forward has work while this process writes."""
+    _die_with_parent()
+    torch.set_num_threads(1)
+    try:
+        st = ShardTokenizer(_data_config(dcfg_dict), image)
+        ch = _Channel(wid, requests, responses, image.mean, image.std)
+        pending = None
+        while True:
+            job = jobs.get()
+            if job is not None:
+                t0 = time.time()
+                prep = st.prepare(job[0], ch.submit)
+            if pending is not None:
+                requests.put(("done", wid, st.finish(pending[0], ch.result, Path(pending[1]), pending[2])))
+            if job is None:
+                return
+            pending = (prep, job[1], t0)
+    except BaseException:
+        requests.put(("error", wid, traceback.format_exc()))
+        raise
+
+
+def _run_device(dcfg, device: str, jobs: list, workers: int, threads: int, on_done, probe=None) -> None:
+    """One image tokenizer process: start the workers (forked before the model touches a device), then serve
+    forwards until every job reported done. probe: the image tokenizer, if already loaded (on the CPU)."""
+    ctx = tmp.get_context("fork")
+    job_q, requests = ctx.Queue(), ctx.Queue(maxsize=2 * workers)  # bounded: the workers wait, memory does not grow
+    responses = [ctx.Queue() for _ in range(workers)]
+    for j in jobs:
+        job_q.put(j)
+    for _ in range(workers):
+        job_q.put(None)
+    probe = probe if probe is not None else load_image_tokenizer(dcfg.image_tokenizer.path)
+    sources.webdataset()  # imported once here, not by every forked worker (~0.3 s each)
+    procs = [ctx.Process(target=_worker, args=(asdict(dcfg), ImageTokenizerInfo.of(probe), job_q, requests,
+                                               responses[w], w), daemon=True) for w in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        torch.set_num_threads(threads)
+        tok = probe.to(device)
+        done, slots = 0, {}
+        while done < len(jobs):
             try:
-                parsed.append(parse_sample(key, members, self.limits))
-            except Quarantine as q:
-                quarantine.append({"key": key, "reason": q.reason, "detail": q.detail})
-        if reader.failed:  # the transport, not the data: nothing of this read is kept, the next run retries
-            n_inputs, parsed, truncated = 1, [], ""
-            quarantine = [{"key": "<shard>", "reason": "stream_failed", "detail": f"{shard.url}: {reader.failed}"}]
-        # Every image this shard needs, then one batched pass per grid size.
-        jobs: list[torch.Tensor] = []
-        plan = []
-        for s in parsed:
-            und = [len(jobs) + i for i in range(len(s.images))]
-            jobs += [prepare_pixels(im, self.image, self.icfg, "understand") for im in s.images]
-            gen = None
-            if s.kind == "caption" and "t2i" in self.dcfg.caption_tasks:
-                gen = len(jobs)
-                jobs.append(prepare_pixels(s.images[0], self.image, self.icfg, "generate"))
-            plan.append((s, und, gen))
-        ids = self.image.encode_images(jobs, self.icfg.batch_size) if jobs else []
-        grid = lambda j: (ids[j].numpy(), *ids[j].shape)  # noqa: E731
-        out_samples, tok_text, tok_img, tasks = [], 0, 0, {}
-        tk, sp, off = self.text, self.specials, self.offset
-        for s, und, gen in plan:
-            meta = {"source_key": s.key, **s.meta}
-            built = []
-            if s.kind == "interleaved":
-                segs = [("text", s.texts[i]) if kind == "text" else ("image", *grid(und[i])) for kind, i in s.order]
-                built.append(layout.build_interleaved(tk, sp, off, segs, meta))
-            elif s.kind == "vqa":
-                built.append(layout.build_understanding(tk, sp, off, [grid(und[0])], s.turns[0][0], s.turns[0][1],
-                                                        "vqa", meta, extra_turns=s.turns[1:]))
+                kind, wid, x = requests.get(timeout=WATCH_S)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"pretokenize: worker pid {dead[0].pid} died (exit code {dead[0].exitcode}, "
+                                       f"e.g. out of memory); finished shards are kept, rerun to continue") from None
+                continue
+            if kind == "batch":
+                i, shape, new = x
+                if new is not None:
+                    slots[wid, i] = new
+                px = slots[wid, i][:math.prod(shape)].view(shape)
+                responses[wid].put(tok.encode(px.to(device)).cpu().numpy())
+            elif kind == "done":
+                done += 1
+                on_done(x)
             else:
-                if "caption" in self.dcfg.caption_tasks:
-                    built.append(layout.build_understanding(tk, sp, off, [grid(und[0])], CAPTION_PROMPT,
-                                                            s.texts[0], "caption", meta))
-                if gen is not None:
-                    uncond = _unit_hash(f"uncond/{s.key}") < self.dcfg.t2i_uncond_prob
-                    built.append(layout.build_t2i(tk, sp, off, s.texts[0], *grid(gen), uncondition=uncond,
-                                                  meta={**meta, "uncondition": uncond}))
-            for b in built:
-                n_img = int(b.modality.sum())
-                tok_img += n_img
-                tok_text += len(b) - n_img
-                tasks[b.task] = tasks.get(b.task, 0) + 1
-                info = {"task": b.task, "prompt_len": b.prompt_len, "len": len(b), "meta": b.meta}
-                out_samples.append((f"{s.key}-{b.task}", {
-                    "ids.npy": _npy(b.ids.astype(np.int32)), "maskable.npy": _npy(b.maskable),
-                    "modality.npy": _npy(b.modality), "json": json.dumps(info, sort_keys=True).encode()}))
-        write_tar(out_path, out_samples)
-        offsets = tar_offsets(out_path)
-        samples = []
-        for key, m in out_samples:
-            info = json.loads(m["json"])
-            o = offsets[key]
-            n_img = int(np.load(io.BytesIO(m["modality.npy"])).sum())
-            samples.append([key, info["len"], info["task"], n_img, *o["ids.npy"], *o["maskable.npy"], *o["modality.npy"],
-                            *o["json"]])
-        stats = {"inputs": n_inputs, "ok": len(parsed), "quarantined": len(quarantine),
-                 "token_samples": len(out_samples), "text_tokens": tok_text, "image_tokens": tok_img,
-                 "images": len(jobs), "tasks": tasks}
-        # The index does not name the URL: the same bytes give the same token dir over any transport.
-        index = {"input": shard.name, "input_bytes": reader.nbytes, "fingerprint": self.fingerprint(),
-                 "stats": stats, "quarantine": quarantine, "truncated": truncated,
-                 **({"failed": reader.failed} if reader.failed else {}),
-                 "columns": ["key", "len", "task", "n_image_tokens", "ids_off", "ids_size", "mask_off", "mask_size", "mod_off",
-                             "mod_size", "json_off", "json_size"], "samples": samples}
-        write_json_atomic(index_path(out_path), index)  # last: its presence marks the shard finished
-        return {**stats, "seconds": time.time() - t0, "shard": shard.name, "failed": reader.failed}
+                raise RuntimeError(f"pretokenize: a worker failed:\n{x}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+
+def _device_process(dcfg_dict, device, jobs, workers, threads, results) -> None:
+    try:
+        _run_device(_data_config(dcfg_dict), device, jobs, workers, threads, results.put)
+    except BaseException:
+        results.put({"error": traceback.format_exc()})
+        raise
+
+
+def _devices() -> list[str]:
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+
+
+def run_jobs(dcfg, jobs: list[tuple[RawShard, str]], workers: int | None = None, on_done=lambda r: None,
+             devices: list[str] | None = None, image=None) -> None:
+    """Tokenize `jobs` [(raw shard, token shard path)] with one tokenizer process per device and `workers` CPU
+    workers beside each (None: data.pretokenize_workers, 0 there: the cores left)."""
+    devices = devices or _devices()
+    cpus = os.cpu_count() or 1
+    per_dev = max(1, cpus // len(devices))
+    workers = workers or dcfg.pretokenize_workers or max(1, per_dev - 1)
+    workers = max(1, min(workers, -(-len(jobs) // len(devices))))
+    # The forward's threads: the cores its workers leave (measured: 2 intra-op threads on 2 shared cores run the
+    # tiny ViT far slower than 1, fit_codebook.single_thread_unless_set); OMP_NUM_THREADS wins.
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, per_dev - workers))
+    if len(devices) == 1:
+        return _run_device(dcfg, devices[0], jobs, workers, threads, on_done, image)
+    ctx = tmp.get_context("spawn")  # CUDA: a fresh interpreter per device
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_device_process, args=(asdict(dcfg), d, jobs[i::len(devices)], workers, threads,
+                                                       results)) for i, d in enumerate(devices)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in range(len(jobs)):
+            r = results.get()
+            if "error" in r:
+                raise RuntimeError(f"pretokenize: a tokenizer process failed:\n{r['error']}")
+            on_done(r)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
-
-_WORKER: ShardTokenizer | None = None
-
-
-def _init_worker(dcfg_dict: dict, threads: int, device_queue) -> None:
-    global _WORKER
-    from data_pipeline.config import DataConfig, ImageTokenizerConfig, SampleConfig
-    d = dict(dcfg_dict)
-    d["image_tokenizer"] = ImageTokenizerConfig(**d["image_tokenizer"])
-    d["sample"] = SampleConfig(**d["sample"])
-    torch.set_num_threads(threads)
-    device = device_queue.get() if device_queue is not None else "cpu"
-    _WORKER = ShardTokenizer(DataConfig(**d), device)
-
-
-def _run(job: tuple[RawShard, str]) -> dict:
-    return _WORKER.tokenize_shard(job[0], Path(job[1]))
-
 
 def _status(sh: RawShard, o: Path, fp) -> str:
     """done | failed (transport failed last time: quarantined, retried by the next run) | todo."""
@@ -197,9 +236,15 @@ def _write_manifest(out: Path, probe: ShardTokenizer, fp: dict) -> dict:
     return manifest
 
 
+def probe_tokenizers(dcfg):
+    """Both tokenizers loaded here first: a missing one fails before any worker starts."""
+    image = load_image_tokenizer(dcfg.image_tokenizer.path)
+    return ShardTokenizer(dcfg, ImageTokenizerInfo.of(image)), image
+
+
 def merge_manifest(dcfg) -> dict:
     out = Path(dcfg.token_dir)
-    probe = ShardTokenizer(dcfg)
+    probe, _ = probe_tokenizers(dcfg)
     fp = probe.fingerprint()
     status = {sh: _status(sh, out / sh.split / sh.name, fp) for sh in list_raw_shards(dcfg)}
     missing = [sh.url for sh, s in status.items() if s == "todo"]
@@ -210,10 +255,13 @@ def merge_manifest(dcfg) -> dict:
     return _write_manifest(out, probe, fp)
 
 
-def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=None) -> dict:
+def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=None,
+                devices: list[str] | None = None) -> dict:
+    """workers: CPU workers per tokenizer process (None: data.pretokenize_workers); shards (a, b): only those of
+    `list_raw_shards` (an array task; `merge_manifest` then writes the manifest); devices: default one per GPU."""
     out = Path(dcfg.token_dir)
     ins = list_raw_shards(dcfg)  # a bad URL list fails before the tokenizers load
-    probe = ShardTokenizer(dcfg)  # fails fast on missing tokenizers, before any worker starts
+    probe, image = probe_tokenizers(dcfg)
     fp = probe.fingerprint()
     jobs, skipped = [], 0
     if shards is not None:
@@ -229,47 +277,30 @@ def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=
         where = ("data.train_shards / data.val_shards expand to no URL" if dcfg.train_shards or dcfg.val_shards
                  else f"no raw shards under {dcfg.raw_dir}/train or {dcfg.raw_dir}/val")
         raise FileNotFoundError(f"{where}: run `unidiff data make-sample`, set data.raw_dir or list shard URLs")
-    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if workers is None:
-        workers = dcfg.pretokenize_workers or (n_gpu or min(os.cpu_count() or 1, max(len(jobs), 1)))
-    workers = max(1, min(workers, max(len(jobs), 1)))
-    threads = max(1, (os.cpu_count() or 1) // workers) if "OMP_NUM_THREADS" not in os.environ else \
-        int(os.environ["OMP_NUM_THREADS"])
-    t0, imgs, toks, failed = time.time(), 0, 0, []
+    t0, totals, failed = time.time(), {"images": 0, "tokens": 0}, []
     bar = tqdm(total=len(jobs), desc="pretokenize", unit="shard", disable=not progress)
-    if workers == 1 and not n_gpu:
-        torch.set_num_threads(threads)
-        results = (probe.tokenize_shard(sh, Path(o)) for sh, o in jobs)
-        pool = None
-    else:
-        ctx = mp.get_context("spawn" if n_gpu else "fork")
-        dq = None
-        if n_gpu:
-            dq = ctx.Manager().Queue()
-            for i in range(workers):
-                dq.put(f"cuda:{i % n_gpu}")
-        pool = ctx.Pool(workers, _init_worker, (asdict(dcfg), threads, dq))
-        results = pool.imap_unordered(_run, jobs)
+
+    def on_done(r: dict) -> None:
+        totals["images"] += r["images"]
+        totals["tokens"] += r["text_tokens"] + r["image_tokens"]
+        if r["failed"]:
+            failed.append((r["shard"], r["failed"]))
+        dt = max(time.time() - t0, 1e-9)
+        bar.set_postfix(img_s=f"{totals['images'] / dt:.0f}", tok_s=f"{totals['tokens'] / dt:.0f}")
+        bar.update(1)
+
     try:
-        for r in results:
-            imgs += r["images"]
-            toks += r["text_tokens"] + r["image_tokens"]
-            if r["failed"]:
-                failed.append((r["shard"], r["failed"]))
-            dt = max(time.time() - t0, 1e-9)
-            bar.set_postfix(img_s=f"{imgs / dt:.0f}", tok_s=f"{toks / dt:.0f}")
-            bar.update(1)
+        if jobs:
+            run_jobs(dcfg, jobs, workers, on_done, devices, image)
     finally:
         bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
     _report_failed(sorted(failed))
     if shards is not None:
         print(f"pretokenize: shards {shards[0]}:{shards[1]}: {len(jobs)} done, {skipped} skipped")
         return {"shards_done": len(jobs), "shards_skipped": skipped}
     manifest = _write_manifest(out, probe, fp)
     dt = time.time() - t0
+    imgs, toks = totals["images"], totals["tokens"]
     sp = manifest["splits"]
     summary = ", ".join(f"{s}: {v['inputs']} in = {v['ok']} ok + {v['quarantined']} quarantined -> "
                         f"{v['token_samples']} samples" for s, v in sp.items())
@@ -277,4 +308,3 @@ def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=
           f"images/s, {toks / max(dt, 1e-9):.0f} tokens/s over {dt:.1f}s -> {out}/manifest.json")
     return {"manifest": manifest, "shards_done": len(jobs), "shards_skipped": skipped, "images": imgs,
             "tokens": toks, "seconds": dt}
-

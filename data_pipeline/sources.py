@@ -28,7 +28,7 @@ _TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$")
 _DRAIN_CHUNK = 1 << 20
 
 
-def _wds():
+def webdataset():
     """webdataset on first use: it imports torch (~2 s), which make-sample and the other readers of formats.py
     do not need."""
     import webdataset as wds
@@ -69,7 +69,7 @@ def shard_name(url: str) -> str:
 def _raw_shard(split: str, url: str) -> RawShard:
     key = f"data.{split}_shards"
     scheme = urlparse(url).scheme
-    if scheme and scheme != "file" and scheme not in _wds().gopen_schemes:
+    if scheme and scheme != "file" and scheme not in webdataset().gopen_schemes:
         hint = " (for S3 use pipe:aws s3 cp s3://bucket/key.tar -)" if scheme in ("s3", "s3a") else ""
         raise ConfigError(f"{key} contains {url!r}: scheme {scheme!r} is not allowed; use a local path, file:, "
                           f"pipe:CMD or http(s)://{hint}")
@@ -108,7 +108,7 @@ class _Source:
 
     def __init__(self, url: str):
         self.url, self.nbytes, self.error = url, 0, None
-        self.raw = _wds().gopen(url, "rb")
+        self.raw = webdataset().gopen(url, "rb")
 
     def read(self, n: int = -1) -> bytes:
         try:
@@ -190,7 +190,8 @@ class ShardReader:
         try:
             # skip_meta=None: keep `__*__/...` members (counted in their sample); webdataset still drops bare
             # `__name__` members (no extension, so no sample member) before any hook sees them
-            for f in _wds().tariterators.tar_file_iterator(src, skip_meta=None, handler=handler, select_files=select):
+            members_of = webdataset().tariterators.tar_file_iterator
+            for f in members_of(src, skip_meta=None, handler=handler, select_files=select):
                 state["reading"] = None
                 k, ext = _split_name(f["fname"])
                 if k != key:

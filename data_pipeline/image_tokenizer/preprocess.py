@@ -84,8 +84,17 @@ def to_pixel_values(img: Image.Image, mean=0.5, std=0.5) -> torch.Tensor:
     """uint8 HxWx3 -> float32 [3, H, W], x/255 then (x - mean)/std per channel (mean/std: a number or one per
     channel; released: 0.5 / 0.5 -> [-1, 1]). The defaults give the [-1, 1] pixels decoders work in; a tokenizer's
     input goes through `prepare.pixel_values`, which passes the tokenizer's own mean/std."""
-    a = torch.from_numpy(np.asarray(to_rgb(img), dtype=np.float32).copy()).permute(2, 0, 1)
-    return (a / 255.0 - _per_channel(mean)) / _per_channel(std)
+    return normalise(np.asarray(to_rgb(img))[None], mean, std)[0]
+
+
+def normalise(batch: np.ndarray, mean=0.5, std=0.5, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (RGB images of one size) -> float32 [B, 3, H, W] contiguous (into `out` if given, e.g.
+    a shared-memory slot), `to_pixel_values` of each image bit for bit, in four whole-batch passes (per image it
+    cost ~200 us on this CPU, half a tokenizer forward)."""
+    src = torch.from_numpy(np.require(batch, np.uint8, ["C", "W"])).permute(0, 3, 1, 2)
+    x = torch.empty(src.shape) if out is None else out
+    x.copy_(src)
+    return x.div_(255.0).sub_(_per_channel(mean)).div_(_per_channel(std))
 
 
 def from_pixel_values(px: torch.Tensor) -> Image.Image:

@@ -4,7 +4,8 @@
 - synthetic: each VQ id owns a colour and a pattern (flat, two gradients, a 2x2 checker) that fill its cell, plus a
   per-image brightness offset the ids do not determine. The decoder has a learnable, known answer, and still has
   a distribution to model (the offset), so sampling steps matter.
-- shards: raw image shards (train / val) tokenized by `data_pipeline` with the run's image tokenizer.
+- shards: the token dir's decoder pairs (pretokenize stores every image's generation-crop ids and a pointer to its
+  raw bytes; data_pipeline/generation_pairs.py): the ids the backbone learns, no second tokenization.
 """
 from __future__ import annotations
 
@@ -50,19 +51,19 @@ def synthetic_batch(cfg, n: int, generator: torch.Generator) -> tuple[torch.Tens
 
 
 def _shard_pairs(cfg, data_cfg, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Raw image shards -> (pixels at the generation crop, VQ ids) via data_pipeline, kept in memory (toy scale).
-    Only images whose crop matches the decoder's square image_size / token_grid are used; the rest are counted."""
-    from data_pipeline.images import iter_image_token_pairs
+    """The token dir's (pixels at the generation crop, VQ ids) pairs, kept in memory (toy scale). Only images whose
+    crop matches the decoder's square image_size / token_grid are used; the rest are counted."""
+    from data_pipeline.generation_pairs import iter_generation_pairs
 
     kept, skipped = [], 0
-    for pixels, ids, _ in iter_image_token_pairs(data_cfg, split=split):
+    for pixels, ids in iter_generation_pairs(data_cfg, split=split):
         if tuple(ids.shape) == (cfg.token_grid, cfg.token_grid) and pixels.shape[-1] == cfg.image_size:
             kept.append((pixels.to(torch.float16), ids))
         else:
             skipped += 1
     if not kept:
-        raise ValueError(f"no {cfg.image_size}px / {cfg.token_grid}x{cfg.token_grid}-token images in "
-                         f"{data_cfg.raw_dir}/{split}: do decoder.image_size / decoder.token_grid match "
+        raise ValueError(f"no {cfg.image_size}px / {cfg.token_grid}x{cfg.token_grid}-token pairs in "
+                         f"{data_cfg.token_dir} split {split}: do decoder.image_size / decoder.token_grid match "
                          f"data.image_tokenizer (gen_max_patches, resize_factor, patch_size)?")
     if skipped:
         print(f"decoder pairs ({split}): {len(kept)} images used, {skipped} of other sizes skipped", flush=True)
@@ -75,7 +76,8 @@ def decoder_pairs(cfg, split: str = "train", rank: int = 0, world: int = 1,
     data_cfg: the `data` section, needed for data_source=shards."""
     if cfg.data_source == "shards":
         if data_cfg is None:
-            raise ValueError("decoder.data_source=shards needs the data section (data.raw_dir, data.image_tokenizer)")
+            raise ValueError("decoder.data_source=shards needs the data section (data.token_dir, data.raw_dir or "
+                             "data.*_shards)")
         if split == "holdout":
             for pixels, ids in _shard_pairs(cfg, data_cfg, "val")[:cfg.holdout]:
                 yield pixels.float(), ids
