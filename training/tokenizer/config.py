@@ -30,6 +30,7 @@ class TokenizerTrainConfig:
     vq_steps: int = 200  # optimizer steps of quant_conv, the codebook and post_quant_conv
     vq_lr: float = 1.0e-3
     commitment: float = 0.25  # beta of ||z - sg(e)||^2 (VQ-VAE)
+    pixel_weight: float = 1.0  # weight of the patch-pixel reconstruction from each code (0: features only)
     dead_code_after: int = 50  # a code unused for this many VQ steps is re-seeded from a feature of the batch
     kmeans_images: int = 2000  # images whose patch features initialise the codebook (data.image_tokenizer.kmeans_*)
     # --- run ---
@@ -52,6 +53,7 @@ class TokenizerTrainConfig:
                f"divisible by {p}.text_heads={self.text_heads}")
         _check(not self.init_from or (Path(self.init_from) / "config.json").exists(), f"{p}.init_from",
                self.init_from, "empty (from scratch) or an image_tokenizer dir holding config.json")
+        _check(self.pixel_weight >= 0, f"{p}.pixel_weight", self.pixel_weight, ">= 0")
         _check(self.resume in ("auto", "none"), f"{p}.resume", self.resume, "auto | none")
         _check(self.lr > 0 and self.vq_lr > 0 and 0 <= self.min_lr <= self.lr, f"{p}.lr", self.lr,
                f"> 0 with 0 <= {p}.min_lr <= lr and {p}.vq_lr > 0")

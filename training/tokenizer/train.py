@@ -32,7 +32,7 @@ from training.engines.world import init_distributed
 from training.lr_schedule import warmup_cosine
 from training.tokenizer.pairs import batch_rows, load_pairs
 from training.tokenizer.siglip import ImageHead, TextTower, pair_accuracy, sigmoid_loss
-from training.tokenizer.vq_train import restart_dead_codes, vq_loss
+from training.tokenizer.vq_train import PixelHead, restart_dead_codes, vq_loss
 from training.tracking import Tracker
 
 
@@ -98,10 +98,11 @@ def train_tokenizer(cfg, out: str | Path | None = None, progress: bool = True) -
     pairs = load_pairs(dcfg, model, t.text_max_len)
     text = TextTower(pairs.vocab_size, t.text_width, t.text_depth, t.text_heads, t.text_max_len, t.embed_dim)
     head = ImageHead(model.visual.config.hidden_size, t.embed_dim)
-    for m in (model, text, head):
+    pixel_head = PixelHead(model.vqmodel.config.embed_dim, model.patch_size)
+    for m in (model, text, head, pixel_head):
         m.to(device).train()
     siglip_params = [*model.visual.parameters(), *text.parameters(), *head.parameters()]
-    vq_params = list(model.vqmodel.parameters())
+    vq_params = [*model.vqmodel.parameters(), *pixel_head.parameters()]
     opt_siglip = torch.optim.AdamW(siglip_params, lr=t.lr, weight_decay=t.weight_decay)
     opt_vq = torch.optim.AdamW(vq_params, lr=t.vq_lr, weight_decay=0.0)
     last_used = torch.zeros(model.codebook_size, dtype=torch.long)
@@ -112,6 +113,7 @@ def train_tokenizer(cfg, out: str | Path | None = None, progress: bool = True) -
         model.load_state_dict(state["tokenizer"])
         text.load_state_dict(state["text"])
         head.load_state_dict(state["head"])
+        pixel_head.load_state_dict(state["pixel_head"])
         opt_siglip.load_state_dict(state["optimizer"]["siglip"])
         opt_vq.load_state_dict(state["optimizer"]["vq"])
         last_used = state["vq"]["last_used"].long()
@@ -143,7 +145,7 @@ def train_tokenizer(cfg, out: str | Path | None = None, progress: bool = True) -
             lr = warmup_cosine(step - t.siglip_steps, t.vq_lr, 0.1 * t.vq_lr, 0, t.vq_steps)
             with torch.no_grad():
                 feats = model.visual(px)
-            loss, ids, z = vq_loss(model.vqmodel, feats, t.commitment)
+            loss, ids, z = vq_loss(model.vqmodel, feats, t.commitment, pixel_head, px, t.pixel_weight)
             opt_vq.zero_grad(set_to_none=True)
             loss.backward()
             _sum_grads(vq_params, 1.0 / world)  # a mean over each rank's tokens: the mean of the ranks' is global
@@ -166,7 +168,7 @@ def train_tokenizer(cfg, out: str | Path | None = None, progress: bool = True) -
         if step + 1 == total or stopped or (t.save_every and (step + 1) % t.save_every == 0):  # collective
             checkpoint.save(ckpt_dir, step + 1, {
                 "tokenizer": model.state_dict(), "text": text.state_dict(), "head": head.state_dict(),
-                "vq": {"last_used": last_used}, "optimizer": {"siglip": opt_siglip.state_dict(), "vq": opt_vq.state_dict()},
+                "pixel_head": pixel_head.state_dict(), "vq": {"last_used": last_used}, "optimizer": {"siglip": opt_siglip.state_dict(), "vq": opt_vq.state_dict()},
                 "meta": {"stage": "tokenizer", "siglip_steps": t.siglip_steps, "vq_steps": t.vq_steps}},
                 keep_last=t.keep_last)
         if stopped:

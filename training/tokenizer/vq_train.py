@@ -16,8 +16,24 @@ import torch.nn.functional as F
 from training import accelerator
 
 
-def vq_loss(vqmodel, feats: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frozen ViT features [B, N, latent] -> (loss, ids [B*N], unit features [B*N, D])."""
+class PixelHead(torch.nn.Module):
+    """Training-only: each quantized code -> its patch's pixels [3*p*p], so the codes keep the local pattern the
+    decoder must redraw (measured: SigLIP features alone, k-means'd, lose shape detail a random ViT keeps)."""
+
+    def __init__(self, embed_dim: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = torch.nn.Linear(embed_dim, 3 * patch * patch)
+
+    def loss(self, st: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        target = F.unfold(pixels, self.patch, stride=self.patch).transpose(1, 2).flatten(0, 1)  # raster order
+        return F.mse_loss(self.proj(st), target)
+
+
+def vq_loss(vqmodel, feats: torch.Tensor, beta: float, pixel_head: PixelHead | None = None,
+            pixels: torch.Tensor | None = None, pixel_weight: float = 0.0
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frozen ViT features [B, N, latent] (of `pixels` [B, 3, H, W]) -> (loss, ids [B*N], unit features [B*N, D])."""
     w = vqmodel.quant_conv.weight.view(vqmodel.quant_conv.out_channels, -1)
     z = F.normalize(F.linear(feats, w, vqmodel.quant_conv.bias), dim=-1).flatten(0, 1)
     e = F.normalize(vqmodel.quantize.embedding.weight, dim=-1)
@@ -29,7 +45,10 @@ def vq_loss(vqmodel, feats: torch.Tensor, beta: float) -> tuple[torch.Tensor, to
     post = vqmodel.post_quant_conv.weight.view(vqmodel.post_quant_conv.out_channels, -1)
     # cosine, not MSE: a per-token loss whose mean over a rank's tokens averages to the global batch's exactly
     rec = (1 - F.cosine_similarity(F.linear(st, post, vqmodel.post_quant_conv.bias), feats.flatten(0, 1), dim=-1)).mean()
-    return rec + codebook + beta * commit, ids, z.detach()
+    loss = rec + codebook + beta * commit
+    if pixel_weight:
+        loss = loss + pixel_weight * pixel_head.loss(st, pixels)
+    return loss, ids, z.detach()
 
 
 @torch.no_grad()
