@@ -180,7 +180,7 @@ def run_jobs(dcfg, jobs: list[tuple[RawShard, str]], workers: int | None = None,
     """Tokenize `jobs` [(raw shard, token shard path)] with one tokenizer process per device and `workers` CPU
     workers beside each (None: data.pretokenize_workers, 0 there: the cores left)."""
     devices = devices or _devices()
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # SLURM's share
     per_dev = max(1, cpus // len(devices))
     workers = workers or dcfg.pretokenize_workers or max(1, per_dev - 1)
     workers = max(1, min(workers, -(-len(jobs) // len(devices))))

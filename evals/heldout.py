@@ -118,7 +118,7 @@ def build_shapes_heldout(cfg, tok, specials, image_tokenizer, n: int, caption_pr
     from data_pipeline.image_tokenizer.preprocess import to_pixel_values
 
     if not caption_prompt:
-        from data_pipeline.pretokenize import CAPTION_PROMPT as caption_prompt
+        from data_pipeline.shard_tokenizer import CAPTION_PROMPT as caption_prompt
 
     scfg, icfg = cfg.data.sample, cfg.data.image_tokenizer
     offset = int(cfg.model.image_token_offset)

@@ -25,7 +25,7 @@ def tokenizers(tmp: str):
 
     from data_pipeline import layout, shapes
     from data_pipeline.image_tokenizer import build_image_tokenizer
-    from data_pipeline.pretokenize import CAPTION_PROMPT
+    from data_pipeline.shard_tokenizer import CAPTION_PROMPT
     from data_pipeline.text_tokenizer import build_sample_tokenizer
 
     cfg = tiny_cfg()
