@@ -1,6 +1,6 @@
 """The decoder's (pixels, VQ ids) pairs come from the token shards: equal to tokenizing the raw images again (the
 path they replace), read with no image tokenizer forward, through the quickstart's decoder config; a changed raw
-shard is an error; pretokenize's output does not depend on its number of worker processes."""
+shard is an error; pretokenize's output does not depend on its number of tokenizer and worker processes."""
 from __future__ import annotations
 
 import shutil
@@ -98,9 +98,10 @@ def test_a_changed_raw_shard_is_an_error(data_env, tmp_path):  # noqa: F811
         list(iter_generation_pairs(no_pairs, "val"))
 
 
-def test_token_dir_does_not_depend_on_the_number_of_workers(data_env, tmp_path):  # noqa: F811
-    d, _, _ = data_env  # made with data.pretokenize_workers=1
+def test_token_dir_does_not_depend_on_the_number_of_processes(data_env, tmp_path):  # noqa: F811
+    d, _, _ = data_env  # made with one tokenizer process (this one) and data.pretokenize_workers=1
     two = replace(d, token_dir=str(tmp_path / "two"))
-    pretokenize(two, workers=2, progress=False)
+    # the multi-GPU layout on the CPU: two spawned tokenizer processes, two workers each
+    pretokenize(two, workers=2, progress=False, devices=["cpu", "cpu"])
     for split in ("train", "val"):
         assert tree(Path(two.token_dir) / split) == tree(Path(d.token_dir) / split)
