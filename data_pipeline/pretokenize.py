@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.multiprocessing as tmp
+from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.image_tokenizer.load import load_image_tokenizer
@@ -91,14 +92,13 @@ class _Channel:
         return self.ids.pop(n)
 
 
-def _worker(dcfg_dict: dict, image: ImageTokenizerInfo, jobs, requests, responses, wid: int) -> None:
-    """One CPU worker over whole shards: prepare shard k+1 (its batches go out as they fill) before finishing
-    shard k, so the forward has work while this process writes."""
+def _worker(st: ShardTokenizer, jobs, requests, responses, wid: int) -> None:
+    """One CPU worker (forked: `st`, the tokenizer process's own, comes with the fork) over whole shards: prepare
+    shard k+1 (its batches go out as they fill) before finishing shard k, so the forward has work meanwhile."""
     _die_with_parent()
     torch.set_num_threads(1)
     try:
-        st = ShardTokenizer(_data_config(dcfg_dict), image)
-        ch = _Channel(wid, requests, responses, image.mean, image.std)
+        ch = _Channel(wid, requests, responses, st.image.mean, st.image.std)
         pending = None
         while True:
             job = jobs.get()
@@ -116,8 +116,9 @@ def _worker(dcfg_dict: dict, image: ImageTokenizerInfo, jobs, requests, response
 
 
 def _run_device(dcfg, device: str, jobs: list, workers: int, threads: int, on_done, probe=None) -> None:
-    """One image tokenizer process: start the workers (forked before the model touches a device), then serve
-    forwards until every job reported done. probe: the image tokenizer, if already loaded (on the CPU)."""
+    """One image tokenizer process: start the workers (forked before the model touches a device, with everything
+    they need already loaded and imported), then serve forwards until every job reported done. probe:
+    `probe_tokenizers(dcfg)`, if already loaded here."""
     ctx = tmp.get_context("fork")
     job_q, requests = ctx.Queue(), ctx.Queue(maxsize=2 * workers)  # bounded: the workers wait, memory does not grow
     responses = [ctx.Queue() for _ in range(workers)]
@@ -125,15 +126,16 @@ def _run_device(dcfg, device: str, jobs: list, workers: int, threads: int, on_do
         job_q.put(j)
     for _ in range(workers):
         job_q.put(None)
-    probe = probe if probe is not None else load_image_tokenizer(dcfg.image_tokenizer.path)
+    st, image = probe if probe is not None else probe_tokenizers(dcfg)
     sources.webdataset()  # imported once here, not by every forked worker (~0.3 s each)
-    procs = [ctx.Process(target=_worker, args=(asdict(dcfg), ImageTokenizerInfo.of(probe), job_q, requests,
-                                               responses[w], w), daemon=True) for w in range(workers)]
+    Image.preinit()  # PIL's common decoders, likewise
+    procs = [ctx.Process(target=_worker, args=(st, job_q, requests, responses[w], w), daemon=True)
+             for w in range(workers)]
     for p in procs:
         p.start()
     try:
         torch.set_num_threads(threads)
-        tok = probe.to(device)
+        tok = image.to(device)
         done, slots = 0, {}
         while done < len(jobs):
             try:
@@ -176,7 +178,7 @@ def _devices() -> list[str]:
 
 
 def run_jobs(dcfg, jobs: list[tuple[RawShard, str]], workers: int | None = None, on_done=lambda r: None,
-             devices: list[str] | None = None, image=None) -> None:
+             devices: list[str] | None = None, probe=None) -> None:
     """Tokenize `jobs` [(raw shard, token shard path)] with one tokenizer process per device and `workers` CPU
     workers beside each (None: data.pretokenize_workers, 0 there: the cores left)."""
     devices = devices or _devices()
@@ -188,7 +190,7 @@ def run_jobs(dcfg, jobs: list[tuple[RawShard, str]], workers: int | None = None,
     # tiny ViT far slower than 1, fit_codebook.single_thread_unless_set); OMP_NUM_THREADS wins.
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, per_dev - workers))
     if len(devices) == 1:
-        return _run_device(dcfg, devices[0], jobs, workers, threads, on_done, image)
+        return _run_device(dcfg, devices[0], jobs, workers, threads, on_done, probe)
     ctx = tmp.get_context("spawn")  # CUDA: a fresh interpreter per device
     results = ctx.Queue()
     procs = [ctx.Process(target=_device_process, args=(asdict(dcfg), d, jobs[i::len(devices)], workers, threads,
@@ -291,7 +293,7 @@ def pretokenize(dcfg, workers: int | None = None, progress: bool = True, shards=
 
     try:
         if jobs:
-            run_jobs(dcfg, jobs, workers, on_done, devices, image)
+            run_jobs(dcfg, jobs, workers, on_done, devices, (probe, image))
     finally:
         bar.close()
     _report_failed(sorted(failed))

@@ -140,36 +140,37 @@ class ShardTokenizer:
     def prepare(self, shard: RawShard, submit: Callable[[np.ndarray], int]) -> Prepared:
         p = Prepared(shard, batcher=Batcher(self.icfg.batch_size, submit))
         reader = ShardReader(shard.url)
-        parsed: list[tuple[RawSample, dict]] = []
-        for key, members, err in reader:
+        for key, members, err in reader:  # batches leave as they fill: the forward starts on the shard's first
             p.n_inputs += 1
             if err:
                 p.truncated = err
                 p.quarantine.append({"key": key, "reason": "truncated_tar", "detail": err})
                 continue
             try:
-                parsed.append((parse_sample(key, members, self.limits), members))
+                s = parse_sample(key, members, self.limits)
             except Quarantine as q:
                 p.quarantine.append({"key": key, "reason": q.reason, "detail": q.detail})
+                continue
+            p.plan.append(self._resize_and_batch(s, members, p.batcher))
+        p.batcher.flush()
         p.nbytes, p.failed = reader.nbytes, reader.failed
         if reader.failed:  # the transport, not the data: nothing of this read is kept, the next run retries
-            p.n_inputs, parsed, p.truncated = 1, [], ""
+            p.n_inputs, p.plan, p.truncated = 1, [], ""
             p.quarantine = [{"key": "<shard>", "reason": "stream_failed", "detail": f"{shard.url}: {reader.failed}"}]
-        b, icfg = p.batcher, self.icfg
-        t2i = "t2i" in self.dcfg.caption_tasks
-        for s, members in parsed:
-            und = [b.add(np.asarray(resize(im, icfg, "understand"))) for im in s.images]
-            gen_of = (lambda im: b.add(np.asarray(resize(im, icfg, "generate"))))  # noqa: E731
-            pairs, gen = [], None
-            if self.dcfg.decoder_pairs:
-                pairs = [(m, gen_of(im), hashlib.sha1(members[m]).hexdigest()[:16])
-                         for m, im in zip(s.image_members, s.images)]
-            if s.kind == "caption" and t2i:
-                gen = pairs[0][1] if pairs else gen_of(s.images[0])
-            s.images = []  # decoded once, resized, batched: the pixels are no longer needed here
-            p.plan.append((s, und, gen, pairs))
-        b.flush()
         return p
+
+    def _resize_and_batch(self, s: RawSample, members: dict, b: Batcher) -> tuple:
+        icfg = self.icfg
+        und = [b.add(np.asarray(resize(im, icfg, "understand"))) for im in s.images]
+        gen_of = (lambda im: b.add(np.asarray(resize(im, icfg, "generate"))))  # noqa: E731
+        pairs, gen = [], None
+        if self.dcfg.decoder_pairs:
+            pairs = [(m, gen_of(im), hashlib.sha1(members[m]).hexdigest()[:16])
+                     for m, im in zip(s.image_members, s.images)]
+        if s.kind == "caption" and "t2i" in self.dcfg.caption_tasks:
+            gen = pairs[0][1] if pairs else gen_of(s.images[0])
+        s.images = []  # decoded once, resized, batched: the pixels are no longer needed here
+        return s, und, gen, pairs
 
     # ----------------------------------------------------------------------------------------- second half
 
@@ -225,7 +226,8 @@ class ShardTokenizer:
             samples.append([key, n, task, n_img, *o["ids.npy"], *o["maskable.npy"], *o["modality.npy"], *o["json"]])
         stats = {"inputs": p.n_inputs, "ok": len(p.plan), "quarantined": len(p.quarantine),
                  "token_samples": len(out), "text_tokens": tok_text, "image_tokens": tok_img,
-                 "images": sum(p.batcher.count.values()), "tasks": tasks, "decoder_pairs": n_pairs}
+                 "images": 0 if p.failed else sum(p.batcher.count.values()), "tasks": tasks,
+                 "decoder_pairs": n_pairs}
         # The index does not name the URL: the same bytes give the same token dir over any transport.
         index = {"input": p.shard.name, "input_bytes": p.nbytes, "fingerprint": self.fingerprint(),
                  "stats": stats, "quarantine": p.quarantine, "truncated": p.truncated,
