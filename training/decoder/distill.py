@@ -100,8 +100,8 @@ class TrajectoryPool:
     """(state, time, ids, endpoint) tuples from teacher trajectories, sampled uniformly over items and times."""
 
     def __init__(self, states: torch.Tensor, times: list[float], ids: torch.Tensor, ends: torch.Tensor):
-        self.states, self.ids, self.ends = states, ids, ends  # [K, N, ...], [N, gh, gw], [N, ...]
-        self.times = torch.tensor(times, dtype=torch.float32)
+        self.states, self.ids, self.ends = states, ids, ends  # [K, N, ...], [N, gh, gw], [N, ...] on one device
+        self.times = torch.tensor(times, dtype=torch.float32, device=states.device)
 
     @classmethod
     def build(cls, teacher, batches, n_items: int, tcfg, dcfg, generator: torch.Generator, progress=None):
@@ -109,7 +109,7 @@ class TrajectoryPool:
         parts, ids_all, ends = [], [], []
         while sum(i.shape[0] for i in ids_all) < n_items:
             _, ids = next(batches)  # only the conditions: the teacher draws the images
-            noise = torch.randn((ids.shape[0], *latent_shape(tcfg)), generator=generator)
+            noise = torch.randn((ids.shape[0], *latent_shape(tcfg)), generator=generator).to(ids.device)
             st, end = teacher_trajectory(teacher, noise, ids, times, tcfg.steps, tcfg.sample_shift,
                                          dcfg.teacher_cfg_scale, tcfg.cfg_norm_clip)
             parts.append(st)
@@ -120,8 +120,9 @@ class TrajectoryPool:
         return cls(torch.cat(parts, 1)[:, :n_items], times, torch.cat(ids_all)[:n_items], torch.cat(ends)[:n_items])
 
     def sample(self, b: int, generator: torch.Generator):
-        i = torch.randint(0, self.ids.shape[0], (b,), generator=generator)
-        k = torch.randint(0, self.states.shape[0], (b,), generator=generator)
+        # drawn on the CPU generator (the same stream on every device), then moved to the pool's device
+        i = torch.randint(0, self.ids.shape[0], (b,), generator=generator).to(self.states.device)
+        k = torch.randint(0, self.states.shape[0], (b,), generator=generator).to(self.states.device)
         return self.states[k, i], self.times[k], self.ids[i], self.ends[i]
 
 

@@ -45,10 +45,10 @@ class VAELatent:
         return self.vae.decode(z / self.scale + self.shift).sample.clamp(-1, 1)
 
 
-def build_latent(cfg):
+def build_latent(cfg, device="cpu"):
     if cfg.latent == "pixel":
         return PixelLatent()
-    return VAELatent(cfg.vae_path, cfg.vae_scaling_factor, cfg.vae_shift_factor)
+    return VAELatent(cfg.vae_path, cfg.vae_scaling_factor, cfg.vae_shift_factor, device)
 
 
 def latent_shape(cfg) -> tuple[int, int, int]:

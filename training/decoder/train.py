@@ -1,16 +1,18 @@
-"""`unidiff train-decoder` (flow-matching teacher) and `unidiff distill` (few-step student), one loop each.
+"""`unidiff train-decoder` (flow-matching teacher) and `unidiff distill` (few-step student): one loop, two losses.
 
-A step reads top to bottom: batch -> latent -> loss -> backward -> clip -> optimizer -> EMA -> log -> checkpoint.
-The engine (native torch, or DeepSpeed ZeRO data parallel) only changes how backward/step run (`_Stepper`).
+A step reads top to bottom: batch -> latent -> loss -> engine backward/step (grad reduction over data parallel,
+clip, AdamW) -> EMA -> log -> checkpoint. The engines are the trainer's (training/engines): the decoder is a ready
+module they train data parallel (native all-reduce, or DeepSpeed ZeRO 0-2), on the rank's device.
 """
 from __future__ import annotations
 
 import copy
-import importlib
+import dataclasses
 import itertools
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,9 +27,10 @@ from training.decoder.latent import build_latent
 from training.decoder.pairs import batches, decoder_pairs
 from training.decoder.release import load_weights
 from training.decoder.sigvq import TokenDecoder
-from training import accelerator
+from training.engines import Engine, build_engine
 from training.lr_schedule import warmup_cosine
 from training.tracking import Tracker
+
 
 def build_decoder(dcfg) -> TokenDecoder:
     return TokenDecoder(dcfg)
@@ -50,83 +53,69 @@ class EMA:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
-class _Stepper:
-    """native: torch AdamW + clip; deepspeed: deepspeed.initialize over the same module (ZeRO 0/1/2, DP on gloo/nccl)."""
-
-    def __init__(self, model, lr, weight_decay, grad_clip, lr_fn, engine="native", zero_stage=1, batch_size=1):
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
-        self.engine_name, self.grad_clip, self.params = engine, grad_clip, params
-        if engine == "deepspeed":
-            ds = _import_deepspeed()
-            ds_cfg = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
-                      "gradient_clipping": grad_clip, "zero_optimization": {"stage": zero_stage},
-                      "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-            self.engine, self.opt, _, self.sched = ds.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                                 config=ds_cfg)
-            self.module = self.engine.module
-        else:
-            self.engine, self.opt, self.sched, self.module = model, opt, sched, model
-
-    def step(self, loss: torch.Tensor) -> float:
-        if self.engine_name == "deepspeed":
-            self.engine.backward(loss)
-            self.engine.step()  # clips, steps the optimizer and the lr scheduler
-            return float("nan")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        return float(gn)
-
-    def lr(self) -> float:
-        return self.opt.param_groups[0]["lr"]
-
-    def optimizer_state(self):
-        """Replicated optimizer + scheduler state (native), or None: ZeRO shards the moments, so each rank
-        saves its own partition through `rank_optimizer_state` instead."""
-        if self.engine_name == "deepspeed":
-            return None
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
-
-    def rank_optimizer_state(self):
-        """DeepSpeed: this rank's ZeRO partition of the AdamW state (the torch optimizer over its fp32 slice)."""
-        if self.engine_name != "deepspeed":
-            return None
-        return {"optimizer": self.opt.optimizer.state_dict(), "scheduler": self.sched.state_dict()}
-
-    def load_optimizer_state(self, state, rank_state=None) -> None:
-        """Call after the module's weights were loaded."""
-        if self.engine_name == "deepspeed":
-            # ZeRO steps its own fp32 master slice and copies it into the module: refresh it from the loaded weights
-            self.opt.refresh_fp32_params()
-            state, opt = rank_state, self.opt.optimizer
-        else:
-            opt = self.opt
-        if state is not None:
-            opt.load_state_dict(state["optimizer"])
-            self.sched.load_state_dict(state["scheduler"])
+def stage_engine(cfg, model: torch.nn.Module, section, engine: str, zero_stage: int) -> Engine:
+    """The trainer's engine over a decoder-stage module: data parallel only, fp32, this stage's optimizer settings
+    (`section`: cfg.decoder or cfg.distill), one batch of `section.batch_size` pairs per rank per step."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    train = dataclasses.replace(cfg.train, engine=engine, lr=section.lr, betas=[0.9, 0.99],
+                                weight_decay=section.weight_decay, grad_clip=section.grad_clip, precision="fp32",
+                                micro_batch_size=section.batch_size, global_batch_size=section.batch_size * world)
+    parallel = dataclasses.replace(cfg.parallel, tensor=1, expert=1, expert_tensor=1, pipeline=1,
+                                   sequence_parallel=False, zero_stage=zero_stage)
+    return build_engine(dataclasses.replace(cfg, train=train, parallel=parallel), model=model)
 
 
-def _import_deepspeed():
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if accelerator.cuda() else "cpu")
-    # The shm all-reduce op JIT-compiles for ~1 min on CPU; gloo does not need it (research/cpu-megatron-deepspeed §4).
-    # Patch through sys.modules: `import deepspeed.comm.torch` would return the torch package (name shadowing).
-    importlib.import_module("deepspeed.comm.torch")
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=accelerator.backend())
-    return deepspeed
+def _on(device: torch.device, pairs):
+    for images, ids in pairs:
+        yield images.to(device), ids.to(device)
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def _resume(engine: Engine, ema: EMA, gen: torch.Generator, ckpt_dir: Path, enabled: bool) -> int:
+    """Restore weights, EMA, the optimizer (model-space moments: a checkpoint of either engine loads into either)
+    and this rank's generator from the newest valid checkpoint (collective); returns its step, 0 if none."""
+    found = checkpoint.load_latest(ckpt_dir, collective=True) if enabled else None
+    if found is None:
+        return 0
+    step, state = found
+    engine.load_full_state_dict(state["model"])
+    dev = engine.world.device
+    ema.shadow = {k: v.float().to(dev) for k, v in state["ema"].items()}
+    engine.load_optimizer_state(state.get("moments", {}), int(state["optimizer"]["step"]))
+    mine = state.get("per_rank") or {}
+    if "generator" in mine:  # the exact stream of the uninterrupted run (t, noise, condition dropout)
+        gen.set_state(mine["generator"])
+    if engine.world.is_main:
+        print(f"resumed from {ckpt_dir} at step {step}", file=sys.stderr)
+    return step
+
+
+def _run(engine: Engine, ema: EMA, gen: torch.Generator, tracker: Tracker, name: str, section, start: int,
+         loss_fn: Callable[[], torch.Tensor], lr_fn: Callable[[int], float], save: Callable[[int, dict], None],
+         progress: bool) -> float:
+    """The one decoder-stage loop (`section`: cfg.decoder or cfg.distill, for the step counts); returns the last
+    loss."""
+    module, main, steps = engine.unwrap(), engine.world.is_main, section.train_steps
+    module.train()
+    bar = tqdm(range(start, steps), desc=name, disable=not progress or not main, initial=start, total=steps)
+    loss_v = float("nan")
+    for step in bar:
+        loss = loss_fn()
+        engine.backward(loss)
+        lr = lr_fn(step)
+        out = engine.step(lr)
+        ema.update(module)
+        loss_v = float(loss.detach())
+        if (step + 1) % section.log_every == 0:
+            tracker.log(step + 1, {f"{name}/loss": loss_v, f"{name}/lr": lr, f"{name}/grad_norm": out["grad_norm"],
+                                   f"{name}/skipped": float(out["skipped"])}, console=False)
+        bar.set_postfix(loss=f"{loss_v:.4f}")
+        if step + 1 == steps or (section.save_every and (step + 1) % section.save_every == 0):  # collective
+            moments, opt_step = engine.optimizer_state()
+            save(step + 1, {"model": module.state_dict(), "ema": ema.shadow, "moments": moments,
+                            "optimizer": {"step": opt_step}, "per_rank": {"generator": gen.get_state()}})
+    tracker.close()
+    engine.world.barrier()
+    return loss_v
 
 
 def train_decoder(cfg, progress: bool = True) -> tuple[Path, TokenDecoder]:
@@ -138,54 +127,27 @@ def train_decoder(cfg, progress: bool = True) -> tuple[Path, TokenDecoder]:
     model = build_decoder(d)
     if d.init_from:
         load_weights(model, d.init_from, d.sigvq_from)
-    stepper = _Stepper(model, d.lr, d.weight_decay, d.grad_clip, lambda s: warmup_cosine(s, 1.0, d.min_lr / d.lr, d.warmup_steps, d.train_steps),
-                       engine=d.engine, zero_stage=d.zero_stage, batch_size=d.batch_size)
-    rank, world = _rank_world()
-    module = stepper.module
+    engine = stage_engine(cfg, model, d, d.engine, d.zero_stage)
+    w, module = engine.world, engine.unwrap()
     ema = EMA(module, d.ema_decay)
-    start = 0
-    gen = torch.Generator().manual_seed(d.seed * 1000 + rank)
-    found = checkpoint.load_latest(ckpt_dir, collective=True) if d.resume == "auto" else None
-    if found is not None:
-        start, state = found
-        module.load_state_dict(state["model"])
-        ema.shadow = {k: v.float() for k, v in state["ema"].items()}
-        mine = state.get("per_rank") or {}
-        stepper.load_optimizer_state(state.get("optimizer"), mine.get("optimizer"))
-        if "generator" in mine:  # the exact stream of the uninterrupted run (t, noise, condition dropout)
-            gen.set_state(mine["generator"])
-        if stepper.engine_name == "deepspeed" and mine.get("optimizer") is None:
-            for _ in range(start):  # a checkpoint without this rank's optimizer state: the schedule still resumes
-                stepper.sched.step()
-    tracker = Tracker(cfg, out, enabled=rank == 0, job_type="train-decoder")  # its own wandb run id, kept on resume
-    latent = build_latent(d)
+    gen = torch.Generator().manual_seed(d.seed * 1000 + w.dp_rank)
+    start = _resume(engine, ema, gen, ckpt_dir, d.resume == "auto")
+    tracker = Tracker(cfg, out, enabled=w.is_main, job_type="train-decoder")  # its own wandb run id, kept on resume
+    latent = build_latent(d, w.device)
     # the pairs a resumed run has already trained on are skipped: it continues the uninterrupted data order
-    data = batches(itertools.islice(decoder_pairs(d, "train", rank, world, cfg.data), start * d.batch_size, None),
-                   d.batch_size)
-    module.train()
-    bar = tqdm(range(start, d.train_steps), desc="train-decoder", disable=not progress or rank != 0,
-               initial=start, total=d.train_steps)
-    t0, loss_v = time.time(), float("nan")
-    for step in bar:
+    pairs = itertools.islice(decoder_pairs(d, "train", w.dp_rank, w.dp_size, cfg.data), start * d.batch_size, None)
+    data = _on(w.device, batches(pairs, d.batch_size))
+
+    def loss_fn():
         images, ids = next(data)
-        loss = flow_loss(stepper.engine, latent.encode(images), ids, d, gen)
-        gnorm = stepper.step(loss)
-        ema.update(module)
-        loss_v = float(loss.detach())
-        if (step + 1) % d.log_every == 0:
-            tracker.log(step + 1, {"decoder/loss": loss_v, "decoder/lr": stepper.lr(), "decoder/grad_norm": gnorm},
-                        console=False)
-        bar.set_postfix(loss=f"{loss_v:.4f}")
-        last = step + 1 == d.train_steps
-        if last or (d.save_every and (step + 1) % d.save_every == 0):  # collective
-            checkpoint.save(ckpt_dir, step + 1, {
-                "model": module.state_dict(), "ema": ema.shadow, "optimizer": stepper.optimizer_state(),
-                "per_rank": {"generator": gen.get_state(), "optimizer": stepper.rank_optimizer_state()},
-                "meta": decoder_meta(d, "euler", d.steps)}, keep_last=d.keep_last)
-    tracker.close()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if rank == 0:
+        return flow_loss(engine.model, latent.encode(images), ids, d, gen)
+
+    t0 = time.time()
+    loss_v = _run(engine, ema, gen, tracker, "decoder", d, start, loss_fn,
+                  lambda s: d.lr * warmup_cosine(s, 1.0, d.min_lr / d.lr, d.warmup_steps, d.train_steps),
+                  lambda step, state: checkpoint.save(ckpt_dir, step, {**state, "meta": decoder_meta(d, "euler", d.steps)},
+                                                      keep_last=d.keep_last), progress)
+    if w.is_main:
         print(f"train-decoder: {d.train_steps - start} steps in {time.time() - t0:.1f}s, final loss {loss_v:.4f}, "
               f"checkpoint {ckpt_dir}")
     return ckpt_dir, module
@@ -202,52 +164,39 @@ def distill(cfg, progress: bool = True) -> Path:
     tcfg = student.cfg
     out = Path(cfg.run_dir) / "distill"
     ckpt_dir = out / "checkpoints"
-    stepper = _Stepper(student, dc.lr, dc.weight_decay, dc.grad_clip, lambda s: 1.0)
-    ema = EMA(student, dc.ema_decay)
-    tracker = Tracker(cfg, out, job_type="distill")
-    latent = build_latent(tcfg)
-    gen = torch.Generator().manual_seed(dc.seed)
-    data = batches(decoder_pairs(tcfg, "train", 0, 1, cfg.data), dc.batch_size)
-    t0, loss_v, pool = time.time(), float("nan"), None
+    engine = stage_engine(cfg, student, dc, d.engine, d.zero_stage)
+    w, module = engine.world, engine.unwrap()
+    teacher.to(w.device)
+    ema = EMA(module, dc.ema_decay)
+    tracker = Tracker(cfg, out, enabled=w.is_main, job_type="distill")
+    latent = build_latent(tcfg, w.device)
+    gen = torch.Generator().manual_seed(dc.seed + w.dp_rank)
+    data = _on(w.device, batches(decoder_pairs(tcfg, "train", w.dp_rank, w.dp_size, cfg.data), dc.batch_size))
+    t0, pool = time.time(), None
     if dc.method == "trajectory_distillation":
         # rebuilt the same way on a resume (seeded, from the start of the data), then the RNG state is restored
-        with tqdm(total=dc.pool_size, desc="distill: teacher trajectories", disable=not progress) as pbar:
-            pool = TrajectoryPool.build(teacher.eval(), data, dc.pool_size, tcfg, dc, gen, pbar.update)
-        print(f"distill: {dc.pool_size} teacher trajectories ({tcfg.steps} steps, w={dc.teacher_cfg_scale}) "
-              f"in {time.time() - t0:.1f}s")
+        with tqdm(total=dc.pool_size, desc="distill: teacher trajectories", disable=not progress or not w.is_main) as pb:
+            pool = TrajectoryPool.build(teacher.eval(), data, dc.pool_size, tcfg, dc, gen, pb.update)
+        if w.is_main:
+            print(f"distill: {dc.pool_size} teacher trajectories ({tcfg.steps} steps, w={dc.teacher_cfg_scale}) "
+                  f"in {time.time() - t0:.1f}s")
     if dc.method != "consistency_distillation":
         teacher = None  # nothing but the student (and its EMA) lives in the training loop
-    start = 0
-    found = checkpoint.load_latest(ckpt_dir) if dc.resume == "auto" else None
-    if found is not None:
-        start, state = found
-        student.load_state_dict(state["model"])
-        ema.shadow = {k: v.float() for k, v in state["ema"].items()}
-        stepper.load_optimizer_state(state["optimizer"])
-        gen.set_state(state["generator"])
-        if pool is None:
-            data = itertools.islice(data, start, None)  # one batch per step: continue the data order
-        print(f"distill: resumed from {ckpt_dir} at step {start}", file=sys.stderr)
-    bar = tqdm(range(start, dc.train_steps), desc=f"distill[{dc.method}]", disable=not progress, initial=start,
-               total=dc.train_steps)
-    for step in bar:
+    start = _resume(engine, ema, gen, ckpt_dir, dc.resume == "auto")
+    if pool is None:
+        data = itertools.islice(data, start, None)  # one batch per step: continue the data order
+
+    def loss_fn():
         if pool is not None:
-            loss = trajectory_loss(student, pool, dc.batch_size, dc.loss, gen)
-        else:
-            images, ids = next(data)
-            loss = distill_loss(student, latent.encode(images), ids, dc, teacher, gen)
-        gnorm = stepper.step(loss)
-        ema.update(student)
-        loss_v = float(loss.detach())
-        if (step + 1) % dc.log_every == 0:
-            tracker.log(step + 1, {"distill/loss": loss_v, "distill/grad_norm": gnorm}, console=False)
-        bar.set_postfix(loss=f"{loss_v:.4f}")
-        if (step + 1 == dc.train_steps) or (dc.save_every and (step + 1) % dc.save_every == 0):
-            meta = decoder_meta(tcfg, "turbo", dc.steps, {"distill": asdict(dc), "teacher": str(teacher_src)})
-            checkpoint.save(ckpt_dir, step + 1, {"model": student.state_dict(), "ema": ema.shadow, "meta": meta,
-                                                 "optimizer": stepper.optimizer_state(), "generator": gen.get_state()},
-                            keep_last=dc.keep_last)
-    tracker.close()
-    print(f"distill[{dc.method}]: {dc.train_steps - start} steps in {time.time() - t0:.1f}s, final loss {loss_v:.4f}, "
-          f"{dc.steps}-step student at {ckpt_dir}")
+            return trajectory_loss(engine.model, pool, dc.batch_size, dc.loss, gen)
+        images, ids = next(data)
+        return distill_loss(engine.model, latent.encode(images), ids, dc, teacher, gen)
+
+    meta = decoder_meta(tcfg, "turbo", dc.steps, {"distill": asdict(dc), "teacher": str(teacher_src)})
+    loss_v = _run(engine, ema, gen, tracker, "distill", dc, start, loss_fn, lambda s: dc.lr,
+                  lambda step, state: checkpoint.save(ckpt_dir, step, {**state, "meta": meta}, keep_last=dc.keep_last),
+                  progress)
+    if w.is_main:
+        print(f"distill[{dc.method}]: {dc.train_steps - start} steps in {time.time() - t0:.1f}s, final loss "
+              f"{loss_v:.4f}, {dc.steps}-step student at {ckpt_dir}")
     return ckpt_dir

@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from training.config_errors import ConfigError
 from training.engines.base import Engine
 from training.engines.world import ParallelWorld, check_layout
 
 
-def build_engine(cfg) -> Engine:
+def build_engine(cfg, model: torch.nn.Module | None = None) -> Engine:
     """Initialise torch.distributed from the torchrun environment if WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)
-    and build the engine named by cfg.train.engine."""
+    and build the engine named by cfg.train.engine over the LLaDA2MoE of cfg.model, sharded for cfg.parallel; or,
+    with `model`, over that ready module, trained data parallel only (the decoder stages)."""
     check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     engine = cfg.train.engine
     if engine == "native":
         from training.engines.native import NativeEngine
-        return NativeEngine(cfg)
+        return NativeEngine(cfg, model=model)
     if engine == "megatron":
+        if model is not None:
+            raise ConfigError("train.engine=megatron builds its own LLaDA2MoE: a ready module (the decoder "
+                              "stages) runs on native | deepspeed")
         from training.engines.megatron import MegatronEngine
         return MegatronEngine(cfg)
     if engine == "deepspeed":
         from training.engines.deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(cfg)
+        return DeepSpeedEngine(cfg, model=model)
     raise ConfigError(f"train.engine={engine} is not allowed: must be native | megatron | deepspeed")
 
 

@@ -120,10 +120,29 @@ class Engine:
         setting = str(self.cfg.train.overlap_grad_reduce).lower()
         return accelerator.cuda() if setting == "auto" else setting == "true"
 
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Collective (ZeRO gathers). The AdamW moments in model space, {"<moment>/<param name>": the rank's local
+        tensor (whole, for a replicated module)}, and the optimizer's step count: engine independent, so a ZeRO
+        run's state loads into a native one. The decoder stages' checkpoints keep their optimizer state this way."""
+        moments = {f"{k}/{n}": st[k].detach().clone() for n, st in self._iter_optim_state() for k in MOMENTS}
+        return moments, self._optim_step()
+
+    def load_optimizer_state(self, moments: dict[str, torch.Tensor], step: int) -> None:
+        """The inverse of `optimizer_state`; call it after the weights were loaded (`load_full_state_dict`)."""
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in moments.items():
+            k, name = key.split("/", 1)
+            states.setdefault(name, {})[k] = t
+        self._set_optim_state(states, step if states else 0)
+
     def layout(self) -> dict:
         w = self.world
         return {"engine": self.name, "world_size": w.world_size, "tensor": w.tp_size, "expert": w.ep_size,
                 "expert_tensor": w.etp_size, "data": w.dp_size, "sequence_parallel": w.sequence_parallel}
+
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, param) of the weights the optimizer steps; frozen ones (requires_grad False) have no state."""
+        return [(n, p) for n, p in self.unwrap().named_parameters() if p.requires_grad]
 
     def _local_tensors(self) -> dict[str, torch.Tensor]:
         m = self.unwrap()
@@ -163,9 +182,9 @@ class Engine:
             t.copy_(reader.read_local(name, self.specs[name], dtype=t.dtype))
         self._after_load_params()
         states = {}
-        have_optim = all(reader.has(f"optim.{k}/{n}") for n, _ in self.unwrap().named_parameters() for k in MOMENTS)
+        have_optim = all(reader.has(f"optim.{k}/{n}") for n, _ in self.trainable() for k in MOMENTS)
         if have_optim:
-            for n, p in self.unwrap().named_parameters():
+            for n, p in self.trainable():
                 states[n] = {k: reader.read_local(f"optim.{k}/{n}", self.specs[n], dtype=torch.float32)
                              for k in MOMENTS}
         elif self.world.is_main:

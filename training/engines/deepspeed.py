@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from training.config_errors import ConfigError
 from training.engines.base import Engine, MOMENTS, no_decay
-from training.engines.native import build_sharded_model
+from training.engines.native import build_sharded_model, replicated_model
 from training.engines.tensor_parallel import _all_reduce
 from training.engines.world import ParallelWorld, build_world, init_distributed, layout_groups, set_group_timeouts
 from training import accelerator
@@ -110,7 +110,7 @@ def _register_expert_groups(world: ParallelWorld, group_name: str) -> None:
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, model: torch.nn.Module | None = None):
         super().__init__(cfg)
         par = cfg.parallel
         for key in ("expert_tensor", "pipeline"):
@@ -169,7 +169,8 @@ class DeepSpeedEngine(Engine):
                 edp_group=groups._get_expert_data_parallel_group(self.group_name))
             if world > 1:
                 set_group_timeouts([self.world.dp_group, self.world.ep_group, self.world.edp_group], timeout_s)
-        model, self.specs = build_sharded_model(cfg, self.world)
+        model, self.specs = (build_sharded_model(cfg, self.world) if model is None
+                             else replicated_model(model, self.world))
         self._module = model
         if self.world.tp_size > 1:
             tp_group = self.world.tp_group
@@ -182,9 +183,10 @@ class DeepSpeedEngine(Engine):
                 # sum over EP (all-to-all backward) and EDP over DP equals the mean over DP ranks (measured exact).
                 p.group_name = self.group_name
         t = cfg.train
-        groups_ = [{"params": [p for n, p in model.named_parameters() if not no_decay(n, p)],
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups_ = [{"params": [p for n, p in trainable if not no_decay(n, p)],
                     "weight_decay": t.weight_decay, "name": "decay"},
-                   {"params": [p for n, p in model.named_parameters() if no_decay(n, p)],
+                   {"params": [p for n, p in trainable if no_decay(n, p)],
                     "weight_decay": 0.0, "name": "no_decay"}]
         groups_ = split_params_into_different_moe_groups_for_optimizer(groups_)
         optimizer = torch.optim.AdamW(groups_, lr=t.lr, betas=tuple(t.betas), eps=1e-8)
@@ -237,7 +239,7 @@ class DeepSpeedEngine(Engine):
         """Collective under ZeRO: each parameter's moments are gathered over DP one at a time (a save never holds
         the whole model's moments at once)."""
         if not self._zero():
-            for n, p in self._module.named_parameters():
+            for n, p in self.trainable():
                 st = self.optimizer.state.get(p, {})
                 if "exp_avg" in st:
                     yield n, {k: st[k] for k in MOMENTS}
@@ -249,7 +251,7 @@ class DeepSpeedEngine(Engine):
         # so later groups (no_decay, expert groups) stay linked to an empty state: relink now that all are stepped.
         self.optimizer._hp_optimizer_states_linked = False
         self.optimizer._lazy_init_hp_params_optimizer_state()
-        for n, p in self._module.named_parameters():
+        for n, p in self.trainable():
             st = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
             if all(v is not None for v in st.values()):
                 yield n, st
@@ -258,7 +260,7 @@ class DeepSpeedEngine(Engine):
         if not states:
             return
         if not self._zero():
-            for n, p in self._module.named_parameters():
+            for n, p in self.trainable():
                 self.optimizer.state[p] = {"step": torch.tensor(float(step)),
                                            **{k: states[n][k].to(p.device).clone() for k in MOMENTS}}
             return
@@ -272,7 +274,7 @@ class DeepSpeedEngine(Engine):
                     base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
                                         "exp_avg_sq": torch.zeros_like(flat)}
         self.optimizer._lazy_init_hp_params_optimizer_state()
-        for n, p in self._module.named_parameters():
+        for n, p in self.trainable():
             for k in MOMENTS:
                 safe_set_full_optimizer_state(p, states[n][k].to(p.device), k)
         for st in base.state.values():
@@ -289,7 +291,7 @@ class DeepSpeedEngine(Engine):
         if not self._zero():
             return
         from deepspeed.utils import safe_set_full_fp32_param
-        for p in self._module.parameters():
+        for _, p in self.trainable():  # frozen weights have no fp32 master copy
             safe_set_full_fp32_param(p, p.detach().clone())
 
     # ---- fp32 masters under train.precision=bf16 (the module holds bf16; checkpoints hold the masters) -------------

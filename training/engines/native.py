@@ -43,17 +43,35 @@ def build_sharded_model(cfg, world: ParallelWorld, tp_comm=None):
     return model, specs
 
 
+def replicated_model(model: torch.nn.Module, world: ParallelWorld):
+    """A ready module trained data parallel only (the decoder stages): every tensor replicated, on the rank's
+    device, rank 0's values broadcast so every replica starts equal. Returns (model, specs)."""
+    if world.tp_size * world.ep_size * world.etp_size > 1:
+        raise ConfigError("a ready module (the decoder stages) runs data parallel only: parallel.tensor, "
+                          "parallel.expert and parallel.expert_tensor must be 1")
+    model.to(world.device)
+    specs = default_specs(model)
+    assign_owners(specs, world)
+    mark_params(model, specs)
+    if world.world_size > 1:
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
+    return model, specs
+
+
 def param_groups(model, cfg) -> list[dict]:
     decay, plain = [], []
     for n, p in model.named_parameters():
-        (plain if no_decay(n, p) else decay).append(p)
+        if p.requires_grad:  # frozen weights (a frozen encoder, LoRA's base) get no optimizer state
+            (plain if no_decay(n, p) else decay).append(p)
     return [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 class NativeEngine(Engine):
     name = "native"
 
-    def __init__(self, cfg, world: ParallelWorld | None = None):
+    def __init__(self, cfg, world: ParallelWorld | None = None, model: torch.nn.Module | None = None):
         super().__init__(cfg)
         par = cfg.parallel
         if par.pipeline != 1:
@@ -61,7 +79,8 @@ class NativeEngine(Engine):
                               "must be 1 (not implemented)")
         self.world = world or build_world(par.tensor, par.expert, par.sequence_parallel,
                                           timeout_s=cfg.train.collective_timeout_s, etp=par.expert_tensor)
-        self.model, self.specs = build_sharded_model(cfg, self.world)
+        self.model, self.specs = (build_sharded_model(cfg, self.world) if model is None
+                                  else replicated_model(model, self.world))
         self.master = MasterWeights(self.model) if cfg.train.precision == "bf16" else None
         # the tensors the optimizer steps and whose .grad is reduced: fp32 masters, or the fp32 params themselves
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
