@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -128,11 +129,16 @@ def bare_forward(d) -> tuple[float, int]:
     for sh in list_raw_shards(d):
         st.prepare(sh, keep)
     tok.encode(batches[0])  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for x in batches:
         tok.encode(x)
     n = sum(len(x) for x in batches)
-    return n / (time.perf_counter() - t0), n
+    return n / (time.perf_counter() - t0), n, time.process_time() - c0
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # pretokenize's workers, once joined
+    return ru.ru_utime + ru.ru_stime
 
 
 def bench_scale(token_dir: Path, tmp: str, a) -> dict:
@@ -168,6 +174,7 @@ def main() -> int:
     ap.add_argument("--scale-dp", type=int, default=8, help="data-parallel size of the measured rank (rank 0)")
     ap.add_argument("--scale-micro-batch", type=int, default=4)
     ap.add_argument("--scale-batches", type=int, default=None, help="batches timed for tokens/s (50; quick 10)")
+    ap.add_argument("--skip-scale", action="store_true", help="pretokenize and loader figures only (repeat runs)")
     ap.add_argument("--out", default="bench/results/bench_data.json")
     a = ap.parse_args()
     for k, full, quick in (("scenes", 1000, 40), ("seq_len", 512, 256), ("samples", 10_000_000, 100_000),
@@ -183,9 +190,11 @@ def main() -> int:
         d.sample.train_docs, d.sample.val_docs = a.scenes // 10, a.scenes // 100
         make_sample(d.raw_dir, d.sample, progress=False)
         fit_codebook(d, progress=False)
+        c0, w0 = time.process_time(), _children_cpu()
         r = pretokenize(d, workers=a.workers, progress=False)
+        main_cpu, workers_cpu = time.process_time() - c0, _children_cpu() - w0
         pipe_ips = r["images"] / r["seconds"]
-        bare_ips, n_bare = bare_forward(d)
+        bare_ips, n_bare, bare_cpu = bare_forward(d)
         # Loader
         L = build_loader(d, a.seq_len, 8, 0, 1, seed=0, block_size=32)
         it = iter(L)
@@ -194,11 +203,16 @@ def main() -> int:
         t0 = time.perf_counter()
         rows = sum(b["input_ids"].shape[0] for b in itertools.islice(it, n))
         dt = time.perf_counter() - t0
-        scale = bench_scale(Path(d.token_dir), tmp, a)
+        scale = None if a.skip_scale else bench_scale(Path(d.token_dir), tmp, a)
     res = {
         "pretokenize_images_per_s": round(pipe_ips, 1), "bare_tokenizer_images_per_s": round(bare_ips, 1),
         "images_pipeline": r["images"], "images_bare": n_bare,
         "pretokenize_over_bare_forward": round(pipe_ips / bare_ips, 3),
+        # CPU seconds: the tokenizer process (its forwards + serving the workers), the workers, the bare forward.
+        # bare / max(tokenizer process, workers) is the ratio with a free core each (what load cannot distort)
+        "pretokenize_process_cpu_s": round(main_cpu, 2), "workers_cpu_s": round(workers_cpu, 2),
+        "bare_forward_cpu_s": round(bare_cpu, 2),
+        "cpu_bound_ratio": round(bare_cpu / max(main_cpu, workers_cpu, 1e-9), 3), "load_average": os.getloadavg()[0],
         "pretokenize_tokens_per_s": round(r["tokens"] / r["seconds"], 1),
         "loader_rows_per_s": round(rows / dt, 1), "loader_tokens_per_s": round(rows * a.seq_len / dt, 1),
         "target_tokens_per_s": round(TARGET_TOKENS_PER_S, 1),
@@ -208,16 +222,21 @@ def main() -> int:
     }
     print(f"pretokenize {res['pretokenize_images_per_s']} img/s end to end vs bare tokenizer forward "
           f"{res['bare_tokenizer_images_per_s']} img/s on the same {n_bare} images in batches of "
-          f"{res['batch_size']} -> x{res['pretokenize_over_bare_forward']} (target 0.9); "
+          f"{res['batch_size']} -> x{res['pretokenize_over_bare_forward']} (target 0.9; CPU s: tokenizer process "
+          f"{res['pretokenize_process_cpu_s']}, workers {res['workers_cpu_s']}, bare {res['bare_forward_cpu_s']} -> "
+          f"x{res['cpu_bound_ratio']} with a core each; load average {res['load_average']:.1f}); "
           f"loader {res['loader_tokens_per_s']:.0f} tok/s = x{res['loader_over_target']} of the "
           f"{res['target_tokens_per_s']:.0f} tok/s target (1 H100, 16B-A1B, 40% MFU)")
     s = scale
-    print(f"scale: {s['samples']} samples in {s['shards']} shards (index build {s['index_build_s']} s once, "
-          f"{s['index_json_mb']} MB JSON -> {s['index_columns_mb']} MB columns); rank 0 of {s['dp_size']}: start-up "
-          f"{s['startup_s']} s = {s['startup_over_target']} x the {STARTUP_TARGET_S:.0f} s target (+{s['import_s']} s "
-          f"imports), peak RSS {s['rss_peak_mb']} MB = {s['rss_over_target']} x 2 GiB ({s['rss_after_import_mb']} MB "
-          f"after imports); {s['tokens_per_s']} tok/s at seq {s['seq_len']} = x{s['tokens_over_target']} of "
-          f"{TARGET_TOKENS_PER_S:.0f} tok/s")
+    if s is None:
+        print("scale: skipped (--skip-scale)")
+    else:
+        print(f"scale: {s['samples']} samples in {s['shards']} shards (index build {s['index_build_s']} s once, "
+              f"{s['index_json_mb']} MB JSON -> {s['index_columns_mb']} MB columns); rank 0 of {s['dp_size']}: "
+              f"start-up {s['startup_s']} s = {s['startup_over_target']} x the {STARTUP_TARGET_S:.0f} s target "
+              f"(+{s['import_s']} s imports), peak RSS {s['rss_peak_mb']} MB = {s['rss_over_target']} x 2 GiB "
+              f"({s['rss_after_import_mb']} MB after imports); {s['tokens_per_s']} tok/s at seq {s['seq_len']} = "
+              f"x{s['tokens_over_target']} of {TARGET_TOKENS_PER_S:.0f} tok/s")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

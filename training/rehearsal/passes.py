@@ -139,6 +139,8 @@ def memory_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
     by = {str(k).split(".")[-1].lower(): int(v) for k, v in peak.items()}
     moved = min(_grad_buffer_bytes(engine), by.get("act", 0))  # allocated at build: MemTracker files it as act
     by["grad"], by["act"] = by.get("grad", 0) + moved, by.get("act", 0) - moved
+    moved = min(_master_bytes(engine), by["act"])  # the fp32 masters of bf16 params: made at build, filed as act
+    by["master"], by["act"] = moved, by["act"] - moved
     return {"pass": "memory", "peak_bytes": by.pop("total", 0), "peak_by_category": by,
             "flops_per_micro_batch": int(flops.get_total_flops()), "block_size": int(sums["block_size"]),
             "tokens_per_micro_batch": int(sums["tokens"]), "masked_tokens": masked,
@@ -211,6 +213,15 @@ def _grad_buffer_bytes(engine) -> int:
         if isinstance(t, torch.Tensor):
             total += t.numel() * t.element_size()
     return total
+
+
+def _master_bytes(engine) -> int:
+    """fp32 master weights under train.precision=bf16: native's copies (engines/master.py), megatron's
+    distributed-optimizer shards (its fp32 main params of the bf16 model params)."""
+    tensors = list(engine.master.of.values()) if getattr(engine, "master", None) else []
+    for opt in getattr(engine.optimizer, "chained_optimizers", []):
+        tensors += [t for group in getattr(opt, "shard_fp32_from_float16_groups", []) for t in group]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _local_params(engine) -> int:
