@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import reserve_ports
+from tests.ports import reserve_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/model/tiny.yaml"
@@ -27,7 +27,7 @@ def master_port() -> str:
     """The launch.master_port override for a test job whose ranks rendezvous. The default (0) has the head node's
     batch shell bind port 0, close it and let rank 0 bind it later: a race against anything that binds port 0
     meanwhile, and here the "nodes" are this machine, where other tests (xdist workers) do just that. A port
-    outside the ephemeral range, claimed for this process (tests/slurm_cluster.reserve_ports), cannot be taken in
+    outside the ephemeral range, claimed for this process (tests/ports.reserve_ports), cannot be taken in
     between. A requeued segment binds it again: the TCPStore server sets SO_REUSEADDR, so the previous segment's
     TIME_WAIT connections do not block it (measured)."""
     return f"launch.master_port={reserve_ports(1)[0]}"
