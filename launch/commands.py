@@ -52,21 +52,43 @@ def cmd_hf_import(cfg, args) -> int:
     return 0
 
 
-def cmd_hf_export(cfg, args) -> int:
-    """Read a checkpoint saved under any engine and layout (no process group needed) and write it in HF format:
-    `--layout released` (per-expert keys, as the HF releases) or `merged` (dFactory's stacked experts)."""
-    import torch
-
+def _checkpoint_arg(cfg, args) -> Path:
     from training.checkpoint import CheckpointManager
-    from training.engines.shard_format import full_state_dict_from_checkpoint
-    from training.hf_format import export_hf
 
     ckpt = Path(args.checkpoint) if args.checkpoint else CheckpointManager(cfg.run_dir).latest_valid()
     if ckpt is None:
         raise ConfigError(f"no valid checkpoint under {cfg.run_dir / 'checkpoints'}; pass --checkpoint DIR")
-    out = export_hf(full_state_dict_from_checkpoint(ckpt), cfg.model, args.out, dtype=getattr(torch, args.dtype),
-                    layout=args.layout)
-    print(f"exported {ckpt} -> {out} ({args.layout} layout)")
+    return ckpt
+
+
+def cmd_hf_export(cfg, args) -> int:
+    """Read a checkpoint saved under any engine and layout (no process group needed) and write it in HF format:
+    `--layout released` (per-expert keys, as the HF releases) or `merged` (dFactory's stacked experts). A LoRA
+    checkpoint needs `--merge-lora` (W + (alpha / r) B A: the official code has no adapters)."""
+    import torch
+
+    from training.adapters import has_adapters, merged_state_dict
+    from training.hf_format import export_hf
+
+    ckpt = _checkpoint_arg(cfg, args)
+    if has_adapters(ckpt) != args.merge_lora:
+        raise ConfigError(f"{ckpt} holds LoRA adapters: pass --merge-lora to fold them into the base weights (or "
+                          "`convert lora-export` for the adapters alone)" if not args.merge_lora else
+                          f"--merge-lora: {ckpt} holds no LoRA adapters (trained with model.lora.rank=0)")
+    out = export_hf(merged_state_dict(ckpt), cfg.model, args.out, dtype=getattr(torch, args.dtype), layout=args.layout)
+    print(f"exported {ckpt} -> {out} ({args.layout} layout{', LoRA merged' if args.merge_lora else ''})")
+    return 0
+
+
+def cmd_lora_export(cfg, args) -> int:
+    """The adapters alone of a LoRA checkpoint (small): load them over the base HF dir with
+    train.init_from=BASE model.lora.init_from=OUT."""
+    from training.adapters import export_adapters
+
+    ckpt = _checkpoint_arg(cfg, args)
+    out = export_adapters(ckpt, args.out)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"exported the LoRA adapters of {ckpt} -> {out} ({size / 2**20:.1f} MiB)")
     return 0
 
 

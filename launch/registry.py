@@ -28,6 +28,13 @@ def _flags_export(p):
     p.add_argument("--layout", default="released", choices=["released", "merged"],
                    help="routed experts one key each (released HF checkpoints, model_type llada2_moe) or stacked "
                         "[E, ...] per layer (dFactory training layout, model_type llada2_moe_veomni)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA checkpoint: fold W + (alpha / r) B A into the base weights (no adapters in the export)")
+
+
+def _flags_lora_export(p):
+    p.add_argument("--out", required=True, help="output dir for adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--checkpoint", default="", help="checkpoint dir (default: the run's latest valid one)")
 
 
 def _flags_out(p):
@@ -65,6 +72,8 @@ COMMANDS: dict[str, tuple[str, Flags, str]] = {
     "convert hf-import": ("launch.commands:cmd_hf_import", _flags_import,
                           "check an HF checkpoint and write a model preset for it (train with train.init_from=DIR)"),
     "convert hf-export": ("launch.commands:cmd_hf_export", _flags_export, "export a checkpoint to HF format"),
+    "convert lora-export": ("launch.commands:cmd_lora_export", _flags_lora_export,
+                            "the LoRA adapters alone of a checkpoint (load over a base: model.lora.init_from=DIR)"),
     "train": ("launch.commands:cmd_train", None, "train the backbone (in this process; see `launch local`)"),
     "data make-sample": ("launch.commands:cmd_make_sample", _flags_out,
                          "write the bundled raw sample shards (real photos from wheels + procedural shapes) to OUT"),

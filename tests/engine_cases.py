@@ -109,10 +109,11 @@ def reference(cfg, steps: int = 2, diffusion: bool = False) -> dict:
     """Single process, no engine: the independent reference for every layout. With `diffusion`, one step of the
     diffusion objective first (its loss and norm lead the lists; "correct": its right masked predictions), then
     `steps` CE steps."""
-    from training.model import build_model
-    model = build_model(cfg.model, "cpu", seed=cfg.train.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith(".bias")]
-    plain = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.endswith(".bias"))]
+    from training.engines.lora import lora_model
+    model = lora_model(cfg.model, "cpu", seed=cfg.train.seed)  # (the plain model when model.lora.rank = 0)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and not n.endswith(".bias")]
+    plain = [p for n, p in trainable if not (p.ndim >= 2 and not n.endswith(".bias"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                              {"params": plain, "weight_decay": 0.0}], lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     losses, norms, correct = [], [], []
@@ -126,7 +127,7 @@ def reference(cfg, steps: int = 2, diffusion: bool = False) -> dict:
             loss = loss_fn(model, ids, tgt)
             loss.backward()
             losses.append(loss.item())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.train.grad_clip)))
         opt.step()
         opt.zero_grad()
     return {"loss": losses, "grad_norm": norms, "correct": correct,

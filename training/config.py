@@ -26,6 +26,35 @@ from training.diffusion.config import DiffusionConfig
 from training.tokenizer.config import TokenizerTrainConfig
 
 
+LORA_TARGETS = ("attention_qkv", "attention_out", "dense_mlp", "shared_expert", "routed_experts")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning (training/engines/lora.py): the base weights frozen, rank-r adapters trained."""
+    rank: int = 0  # 0: off (full fine-tuning); r > 0: every targeted weight W becomes W + (alpha / r) B A
+    alpha: float = 32.0  # the update's scale numerator (alpha / rank)
+    # which weights get adapters: attention_qkv (query_key_value), attention_out (attention.dense), dense_mlp
+    # (gate/up/down of the first_k_dense_replace layers), shared_expert, routed_experts (one adapter per expert)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    init_from: str = ""  # adapter dir (`unidiff convert lora-export`) loaded over train.init_from's base weights
+
+    def validate(self, root: "Config") -> None:
+        _check(self.rank >= 0, "model.lora.rank", self.rank, ">= 0 (0 = off)")
+        _check(self.alpha > 0, "model.lora.alpha", self.alpha, "> 0")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not bad and bool(self.targets), "model.lora.targets", self.targets,
+               f"a non-empty list of {' | '.join(LORA_TARGETS)}")
+        if self.rank and "routed_experts" in self.targets:
+            _check(root.parallel.expert_tensor == 1, "parallel.expert_tensor", root.parallel.expert_tensor,
+                   "1 with model.lora.targets holding routed_experts (expert adapters follow EP only)")
+        _check(not self.init_from or (self.rank > 0 and (Path(self.init_from) / "adapter_config.json").exists()),
+               "model.lora.init_from", self.init_from,
+               "empty, or with model.lora.rank > 0 an adapter dir holding adapter_config.json")
+        _check(not self.init_from or bool(root.train.init_from), "model.lora.init_from", self.init_from,
+               "used with train.init_from (the base weights the adapters load over)")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 173568  # text vocab + image codebook (Uni: 157184 + 16384)
@@ -63,8 +92,10 @@ class ModelConfig:
     # Recompute in the backward instead of keeping activations: none | full (every decoder layer: only the layer
     # inputs are kept) | selective (attention and the expert MLPs; the router and the all-to-all dispatch are kept)
     activation_checkpointing: str = "none"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, root: "Config") -> None:
+        self.lora.validate(root)
         _check(self.num_attention_heads % self.num_key_value_heads == 0, "model.num_attention_heads",
                self.num_attention_heads, f"a multiple of model.num_key_value_heads={self.num_key_value_heads}")
         _check(self.num_experts % self.n_group == 0, "model.num_experts", self.num_experts,

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from training.config import ConfigError, ModelConfig
 
 # Fields of ModelConfig that are framework settings, not part of the official config.json.
-_LOCAL_FIELDS = {"attention", "grouped_gemm", "expert_bias_update_rate", "aux_loss_coeff", "z_loss_coeff"}
+_LOCAL_FIELDS = {"attention", "grouped_gemm", "expert_bias_update_rate", "aux_loss_coeff", "z_loss_coeff", "lora"}
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MERGED_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
 _INDEX = "model.safetensors.index.json"
@@ -71,6 +71,7 @@ def config_from_hf(hf: dict, base: ModelConfig | None = None) -> ModelConfig:
     if "image_token_offset" not in hf:  # a text-only LLaDA2.0 checkpoint: no image rows
         values["image_token_offset"] = values["vocab_size"]
     values["num_shared_experts"] = values["num_shared_experts"] or 0
+    values["lora"] = (base or ModelConfig()).lora  # a run setting (asdict made it a dict)
     return ModelConfig(**values)
 
 

@@ -215,9 +215,18 @@ class Engine:
     def load_hf(self, path) -> dict:
         """Initialise the weights from an HF-format checkpoint dir (official names, released per-expert or merged
         layout), streamed tensor by tensor; each rank reads only its shard of the experts. Optimizer state is
-        untouched (fresh)."""
+        untouched (fresh). LoRA adapters keep their init (B = 0), or are read from model.lora.init_from (an adapter
+        dir of `convert lora-export`, the same streaming)."""
         from training.hf_format import load_hf_shards
-        report = load_hf_shards(self.unwrap(), self._local_tensors(), self.specs, path)
+        from training.model.lora import is_adapter
+        local = self._local_tensors()
+        report = load_hf_shards(self.unwrap(), {n: t for n, t in local.items() if not is_adapter(n)}, self.specs,
+                                path)
+        if self.cfg.model.lora.init_from:
+            from training.adapters import check_adapter_dir
+            check_adapter_dir(self.cfg.model.lora.init_from, self.cfg.model.lora)
+            load_hf_shards(self.unwrap(), {n: t for n, t in local.items() if is_adapter(n)}, self.specs,
+                           self.cfg.model.lora.init_from)
         self._after_load_params()
         return report
 

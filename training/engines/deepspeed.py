@@ -175,7 +175,7 @@ class DeepSpeedEngine(Engine):
         if self.world.tp_size > 1:
             tp_group = self.world.tp_group
             for n, p in model.named_parameters():
-                if self.specs[n].tp_partial:  # a tensor hook runs before ZeRO's grad-accumulation hooks
+                if self.specs[n].tp_partial and p.requires_grad:  # runs before ZeRO's grad-accumulation hooks
                     p.register_hook(lambda g, grp=tp_group: _all_reduce(g, grp))
         for n, p in model.named_parameters():
             if self.specs[n].kind == "expert":

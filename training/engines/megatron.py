@@ -125,7 +125,7 @@ class MegatronEngine(Engine):
         with compat.cpu_device_mode():
             self.model = DistributedDataParallel(tcfg, ddp_cfg, model)
             self.optimizer = get_megatron_optimizer(self.opt_cfg, [self.model])
-        self._tp_partial = [p for n, p in model.named_parameters() if self.specs[n].tp_partial]
+        self._tp_partial = [p for n, p in model.named_parameters() if self.specs[n].tp_partial and p.requires_grad]
 
     def unwrap(self):
         return self._module
@@ -190,7 +190,7 @@ class MegatronEngine(Engine):
         ranges on every TP rank: TP rank 0 writes them."""
         from training.engines.sharding import range_entries
         entries = []
-        for n, p in self._module.named_parameters():
+        for n, p in self.trainable():  # frozen weights (LoRA's base) are in no optimizer
             spec = self.specs[n]
             if spec.kind == "replicated" and self.world.tp_rank != 0:
                 continue
@@ -236,7 +236,7 @@ class MegatronEngine(Engine):
                     opt._init_optimizer_states_with_dummy_values()
                     for g, (lr, wd) in zip(opt.optimizer.param_groups, saved):
                         g["lr"], g["weight_decay"] = lr, wd
-        for n, p in self._module.named_parameters():
+        for n, p in self.trainable():
             opt, rng = self._owning(p)
             if rng is None:
                 continue

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from training.config_errors import ConfigError
 from training.engines.base import Engine, MOMENTS, no_decay
 from training.engines.expert_parallel import shard_experts
+from training.engines.lora import apply_lora
 from training.engines.master import MasterWeights
 from training.engines.sharding import assign_owners, default_specs, init_local, mark_params
 from training.engines.tensor_parallel import TorchTPComm, apply_tensor_parallel
@@ -36,6 +37,7 @@ def build_sharded_model(cfg, world: ParallelWorld, tp_comm=None):
         apply_tensor_parallel(model, specs, world.tp_rank, world.tp_size, tp_comm or TorchTPComm(world.tp_group),
                               world.sequence_parallel)
     shard_experts(model, specs, world)
+    apply_lora(model, specs, cfg.model.lora)  # model.lora: base frozen, adapters sharded like their base
     model.to_empty(device=world.device)
     init_local(model, specs, cfg.train.seed)
     assign_owners(specs, world)

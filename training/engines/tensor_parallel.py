@@ -27,6 +27,7 @@ from torch import nn
 
 from training.engines.sharding import ShardSpec
 from training.engines.vocab_parallel import shard_lm_head
+from training.model import lora
 
 
 # ---- torch-native autograd collectives over one process group (gloo or nccl) ---------------------------------
@@ -161,6 +162,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight)
+        if hasattr(self, "lora_A"):  # LoRA (engines/lora.py) before the reduce: the TP ranks' B A_r x_r sum to B A x
+            y = y + lora.delta(self, x)
         y = self.comm.reduce_scatter(y, 1) if self.sp else self.comm.reduce_from(y)
         return y + self.bias if self.bias is not None else y
 

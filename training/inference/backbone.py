@@ -42,11 +42,11 @@ def load_backbone(cfg, source: str | Path | None = "", device=None, dtype: torch
         from training.hf_format import import_hf
 
         return import_hf(path, device=str(device), dtype=dtype, base=cfg.model)[1].eval(), str(path)
-    from training.engines.shard_format import full_state_dict_from_checkpoint
+    from training.adapters import merged_state_dict
     from training.hf_format import cast_model
     from training.model import build_model
 
     model = build_model(cfg.model, device)
-    state = full_state_dict_from_checkpoint(path)
+    state = merged_state_dict(path)  # a LoRA run's adapters folded into its base
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("optim.")}, strict=True)
     return cast_model(model, dtype).eval(), str(path)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from training.model import lora
 from training.model.attention import Attention
 from training.model.mlp import SwiGLU
 from training.model.moe import MoE, RouterStats
@@ -143,6 +144,8 @@ class LLaDA2MoE(nn.Module):
             return torch.zeros(shape)
         gen = torch.Generator(device="cpu")
         gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        if lora.is_adapter(name):
+            return lora.init_tensor(name, shape, gen)
         std = self.config.initializer_range
         if name.endswith(("dense.weight", "down_proj.weight", "down_proj")):
             std = std / math.sqrt(2 * self.config.num_hidden_layers)

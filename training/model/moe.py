@@ -82,7 +82,10 @@ class Experts(nn.Module):
             return False
         # torch 2.13 runs it on CPU in any dtype (the fastest expert path there too, bench_engines.py); on CUDA
         # only in bf16 on sm90+ (accelerator.grouped_mm_on_cuda), else the per-expert loop below.
-        return not on_cuda or accelerator.grouped_mm_on_cuda(dtype)
+        # CUDA's kernel also wants 16-byte aligned rows: the [M, r] LoRA product of a rank like 4 takes the loop.
+        lora = getattr(self, "gate_proj_lora_A", None)
+        aligned = lora is None or lora.shape[1] * dtype.itemsize % 16 == 0
+        return not on_cuda or (accelerator.grouped_mm_on_cuda(dtype) and aligned)
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [M, H] sorted by (local) expert, counts[e] rows each -> [M, H]."""
@@ -101,15 +104,24 @@ class Experts(nn.Module):
         if self._use_grouped(dtype, on_cuda):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             gmm = lambda a, w: torch._grouped_mm(a.to(dtype).contiguous(), w.transpose(1, 2).to(dtype), offs=offs)
-            h = F.silu(gmm(x, self.gate_proj)) * gmm(x, self.up_proj)
-            return gmm(h, self.down_proj)
+            h = F.silu(self._project(x, "gate_proj", gmm)) * self._project(x, "up_proj", gmm)
+            return self._project(h, "down_proj", gmm)
         outs = []
         for e, chunk in enumerate(x.split(counts)):  # one matmul per expert, never per token
             if chunk.shape[0]:
-                chunk = chunk.to(dtype)
-                h = F.silu(chunk @ self.gate_proj[e].t().to(dtype)) * (chunk @ self.up_proj[e].t().to(dtype))
-                outs.append(h @ self.down_proj[e].t().to(dtype))
+                mm = lambda a, w, e=e: a.to(dtype) @ w[e].t().to(dtype)
+                h = F.silu(self._project(chunk, "gate_proj", mm)) * self._project(chunk, "up_proj", mm)
+                outs.append(self._project(h, "down_proj", mm))
         return torch.cat(outs) if outs else x[:0]
+
+    def _project(self, x: torch.Tensor, name: str, mm) -> torch.Tensor:
+        """x through the fused weight `name` [E, out, in], plus its per-expert LoRA update if it has one
+        (training/model/lora.py: `<name>_lora_A` [E, r, in], `<name>_lora_B` [E, out, r])."""
+        y = mm(x, getattr(self, name))
+        a = getattr(self, f"{name}_lora_A", None)
+        if a is None:
+            return y
+        return y + mm(mm(x, a), getattr(self, f"{name}_lora_B")) * self.lora_scale
 
 
 class LocalDispatcher:

@@ -14,6 +14,7 @@ rank / local rank, and feed it real batches of the real shape from the config's 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -115,7 +116,7 @@ def memory_pass(cfg, rank: int, world_size: int, gpus_per_node: int) -> dict:
     mt = MemTracker()
     audit = Audit()
     with accelerator.rehearse_cuda(tensors_on="cpu"), _megatron_runtime(cfg, on_cuda=False), \
-            FakeTensorMode(allow_non_fake_inputs=True), \
+            _frozen_params_take_no_hooks(), FakeTensorMode(allow_non_fake_inputs=True), \
             RehearsalMode(cpu, {}, audit) as mode, DeviceGuardFree(audit):
         with mt:
             engine = build_engine(cfg)
@@ -233,6 +234,28 @@ def _torch_optimizers(engine) -> list:
     if hasattr(opt, "chained_optimizers"):  # megatron: one DistributedOptimizer per dense / expert params
         return [o.optimizer for o in opt.chained_optimizers]
     return [getattr(opt, "optimizer", opt)]
+
+
+@contextlib.contextmanager
+def _frozen_params_take_no_hooks():
+    """MemTracker puts a grad hook on every parameter of a module it enters; a frozen one (model.lora's base) refuses
+    hooks, and gets no grad to count: skip it there. (The device pass builds the engine without this.) On the class
+    of every tensor: a parameter over a fake tensor is a FakeTensor flagged `_is_param`, not an nn.Parameter."""
+    cls = torch.Tensor
+    saved = cls.register_hook, cls.register_post_accumulate_grad_hook
+
+    def only_trainable(register):
+        def hook(self, fn):
+            if self.requires_grad:
+                return register(self, fn)
+            return torch.utils.hooks.RemovableHandle(collections.OrderedDict())
+        return hook
+
+    cls.register_hook, cls.register_post_accumulate_grad_hook = map(only_trainable, saved)
+    try:
+        yield
+    finally:
+        cls.register_hook, cls.register_post_accumulate_grad_hook = saved
 
 
 @contextlib.contextmanager
