@@ -98,3 +98,19 @@ def test_merged_export_and_adapter_dir_give_base_plus_adapter_logits(tmp_path):
     from training.config import ConfigError
     with pytest.raises(ConfigError, match="model.lora.rank=8 but the adapters have 4"):
         build_engine(wrong).load_hf(wrong.train.init_from)
+
+
+def test_bf16_keeps_the_frozen_base_in_bf16_only():
+    """train.precision=bf16: every module weight is bf16; only the adapters get fp32 masters (engines/master.py), so
+    the frozen base costs 2 bytes a parameter and nothing else."""
+    from training.engines import build_engine
+    from training.model.lora import is_adapter
+    eng = build_engine(make_cfg(precision="bf16", extra=LORA))
+    named = dict(eng.unwrap().named_parameters())
+    assert {p.dtype for p in named.values()} == {torch.bfloat16}
+    assert {id(p) for p in eng.master.of} == {id(p) for n, p in named.items() if is_adapter(n)}
+    assert {m.dtype for m in eng.master.of.values()} == {torch.float32}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    run_engine_steps(eng, eng.cfg, steps=1)
+    assert all(torch.equal(named[n], before[n]) for n in named if not is_adapter(n))
+    assert any(not torch.equal(named[n], before[n]) for n in named if n.endswith("lora_B"))

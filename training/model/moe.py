@@ -82,10 +82,11 @@ class Experts(nn.Module):
             return False
         # torch 2.13 runs it on CPU in any dtype (the fastest expert path there too, bench_engines.py); on CUDA
         # only in bf16 on sm90+ (accelerator.grouped_mm_on_cuda), else the per-expert loop below.
-        # CUDA's kernel also wants 16-byte aligned rows: the [M, r] LoRA product of a rank like 4 takes the loop.
+        # It wants 16-byte aligned rows (CPU and CUDA): the [M, r] LoRA product of a bf16 rank like 4 takes the loop.
         lora = getattr(self, "gate_proj_lora_A", None)
-        aligned = lora is None or lora.shape[1] * dtype.itemsize % 16 == 0
-        return not on_cuda or (accelerator.grouped_mm_on_cuda(dtype) and aligned)
+        if lora is not None and lora.shape[1] * dtype.itemsize % 16:
+            return False
+        return not on_cuda or accelerator.grouped_mm_on_cuda(dtype)
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [M, H] sorted by (local) expert, counts[e] rows each -> [M, H]."""
