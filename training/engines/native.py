@@ -51,7 +51,8 @@ def replicated_model(model: torch.nn.Module, world: ParallelWorld):
     if world.tp_size * world.ep_size * world.etp_size > 1:
         raise ConfigError("a ready module (the decoder stages) runs data parallel only: parallel.tensor, "
                           "parallel.expert and parallel.expert_tensor must be 1")
-    model.to(world.device)
+    if any(t.device != world.device for t in model.state_dict().values()):
+        model.to(world.device)
     specs = default_specs(model)
     assign_owners(specs, world)
     mark_params(model, specs)
