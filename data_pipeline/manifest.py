@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 from pathlib import Path
 
 MANIFEST_VERSION = 2  # 2: + specials, + per-shard index_sha
@@ -25,16 +24,6 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-def tar_offsets(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """{key: {ext: (data offset, size)}} of a tar, for random access."""
-    out: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path, "r:") as tf:
-        for m in tf.getmembers():
-            k, _, ext = m.name.partition(".")
-            out.setdefault(k, {})[ext] = (m.offset_data, m.size)
-    return out
 
 
 def index_path(tar_path: Path) -> Path:
