@@ -3,7 +3,8 @@ document with the text segment that follows it (VQA samples are skipped: a quest
 
 Images are resized to the square `data.image_tokenizer.image_size` (the position table's own grid, so no
 resampling) so that one step is one batch tensor; shapes-world images are that size already. The whole split is
-held in memory: this is the toy path (3.3k pairs of 64x64 pixels, 160 MB); a web-scale run would stream shards.
+held in memory: this is the toy path (the quickstart sample: 3,772 pairs of 64x64 pixels, 185 MB float32); a
+web-scale run would stream shards.
 """
 from __future__ import annotations
 
