@@ -11,7 +11,8 @@ Samples come from `token_shards.TokenShards` (memory-mapped index columns, reads
 special ids pretokenize records in manifest.json, so the loader does not load the text tokenizer.
 state_dict() = (epoch, next batch); load_state_dict() resumes exactly mid-epoch without reading skipped data.
 Batch schema: input_ids, doc_ids (0.. per row, padding -1), maskable, is_image, position_ids (restart at 0 per
-document, 0 on padding), all [B, L]; plus sample_ids [B, L] (global sample id, -1 on padding) for tracing.
+document, 0 on padding), all [B, L]; plus sample_ids [B, L] (global sample id, -1 on padding) for tracing, and on
+a trajectory token dir reveal [B, L] (packing.materialise_row).
 """
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ class _EpochBatches(Dataset):
         self.sources, self.src, self.idx, self.rows = sources, src, idx, rows
         self.B, self.dp_rank, self.dp_size, self.G = B, dp_rank, dp_size, G
         self.seq_len, self.block_size, self.pad_id, self.offset = seq_len, block_size, pad_id, offset
+        # a trajectory token dir (training/backbone_distill) carries the sampler's reveal order in its mask column
+        self.reveal = any(s.manifest.get("trajectories") for s in sources)
 
     def __len__(self) -> int:
         # whole global batches only: the epoch ends at the same row for every (dp size, micro batch) of one
@@ -100,7 +103,7 @@ class _EpochBatches(Dataset):
                 ids, msk, mod = self.sources[sid].read(i)
                 pieces.append((ids[s:e], msk[s:e], mod[s:e]))
                 sids.append((sid << 40) | i)
-            r = materialise_row(pieces, self.seq_len, self.pad_id, self.block_size)
+            r = materialise_row(pieces, self.seq_len, self.pad_id, self.block_size, reveal=self.reveal)
             r["sample_ids"] = np.where(r["doc_ids"] == PAD_DOC, -1,
                                        np.asarray(sids + [-1], dtype=np.int64)[r["doc_ids"]])
             for key, v in r.items():

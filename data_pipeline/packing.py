@@ -103,23 +103,29 @@ def plan_rows(lengths: np.ndarray, splittable: np.ndarray, seq_len: int, block_s
 
 
 def materialise_row(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seq_len: int, pad_id: int,
-                    block_size: int | None = None, offset: int | None = None) -> dict[str, np.ndarray]:
+                    block_size: int | None = None, offset: int | None = None,
+                    reveal: bool = False) -> dict[str, np.ndarray]:
     """pieces: (ids, maskable, modality) slices in row order -> row arrays of length seq_len.
-    Block padding (maskable EOS, the document's own id) follows each piece when block_size is given."""
+    Block padding (maskable EOS, the document's own id) follows each piece when block_size is given.
+    reveal: the maskable column holds a sampler trajectory's order (backbone path distillation: 0 context, k + 1
+    revealed at the k-th denoising step of its block); it is kept as `reveal` (int64, 0 on any padding)."""
     ids = np.full(seq_len, pad_id, dtype=np.int64)
     doc = np.full(seq_len, PAD_DOC, dtype=np.int64)
     msk = np.zeros(seq_len, dtype=bool)
     img = np.zeros(seq_len, dtype=bool)
     pos = np.zeros(seq_len, dtype=np.int64)
+    order = np.zeros(seq_len, dtype=np.int64)
     at = 0
     for j, (i, m, mod) in enumerate(pieces):
         n = len(i)
         span = n if not block_size else min(-(-n // block_size) * block_size, seq_len - at)
         ids[at:at + n] = i
         msk[at:at + n] = m
+        order[at:at + n] = m
         img[at:at + n] = mod.astype(bool)
         msk[at + n:at + span] = True  # EOS padding of the answer is part of what the model learns
         doc[at:at + span] = j
         pos[at:at + span] = np.arange(span)
         at += span
-    return {"input_ids": ids, "doc_ids": doc, "maskable": msk, "is_image": img, "position_ids": pos}
+    row = {"input_ids": ids, "doc_ids": doc, "maskable": msk, "is_image": img, "position_ids": pos}
+    return {**row, "reveal": order} if reveal else row

@@ -93,16 +93,28 @@ def cmd_lora_export(cfg, args) -> int:
 
 
 def cmd_train(cfg, args) -> int:
-    import signal
-
     from training.trainer import train
 
     train(cfg)
-    # Stopped (signal or done) with the checkpoint saved: a SLURM USR1/TERM still in flight to this rank (it may
-    # learn of the stop from a peer first) must not kill it while Python finalizes (the handlers revert to the
-    # default then), or the batch script sees a failed rank and does not requeue.
+    _ignore_late_signals()
+    return 0
+
+
+def _ignore_late_signals() -> None:
+    """Stopped (signal or done) with the checkpoint saved: a SLURM USR1/TERM still in flight to this rank (it may
+    learn of the stop from a peer first) must not kill it while Python finalizes (the handlers revert to the
+    default then), or the batch script sees a failed rank and does not requeue."""
+    import signal
+
     for s in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+
+
+def cmd_distill_backbone(cfg, args) -> int:
+    from training.backbone_distill.stage import distill_backbone
+
+    distill_backbone(cfg)
+    _ignore_late_signals()
     return 0
 
 

@@ -90,6 +90,8 @@ COMMANDS: dict[str, tuple[str, Flags, str]] = {
     "train-decoder": ("launch.commands:cmd_train_decoder", None,
                       "train the diffusion decoder (image tokens -> pixels, rectified flow)"),
     "distill": ("launch.commands:cmd_distill", None, "distill the decoder to a few-step student"),
+    "distill-backbone": ("launch.commands:cmd_distill_backbone", None,
+                         "parallel-decoding distillation of the backbone (distill_backbone.method: path | dparallel)"),
     "quickstart": ("launch.quickstart:cmd_quickstart", None, "the whole pipeline on the bundled default"),
     "plan": ("launch.plan:cmd_plan", "launch.plan:add_flags",
              "rehearse one rank of an N-GPU job on this CPU: memory, FLOPs, collectives, device hygiene"),

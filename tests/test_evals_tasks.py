@@ -114,6 +114,27 @@ def test_reconstruction_exact_decoder_and_flat_baseline(env, tmp_path):
     assert (tmp_path / "reconstruction.png").exists()
 
 
+def test_tokens_per_forward_is_answer_tokens_over_denoising_forwards(env):
+    from evals.tasks.t2i import T2ITask, generate_codes
+    from evals.tasks.vqa import VQATask
+
+    tmp, ho, oracle = env
+    tok, _, _ = fx.tokenizers(tmp)
+    ctx = fx.context(tmp, oracle, ho, batch_size=1, image_blind=False)
+    r = VQATask().run(ctx)
+    bl = ctx.cfg.diffusion.sample_block_length
+    tokens = [len(tok.encode(it.reference)) + 1 for it in ho.vqa]  # each answer and its EOS
+    # the oracle is confident: one denoising forward per block an answer spans (the prefill is not one)
+    forwards = [-(-(len(it.prompt) + n) // bl) - len(it.prompt) // bl for it, n in zip(ho.vqa, tokens)]
+    assert r.scores["items"] == len(ho.vqa) and r.scores["accuracy"] == 1.0
+    assert r.scores["tokens_per_forward"] == pytest.approx(sum(tokens) / sum(forwards))
+    ctx = fx.context(tmp, oracle, ho, decoders={"oracle": fx.oracle_decoder(ho)})
+    steps = [generate_codes(ctx, it)[2] for it in ho.t2i]
+    t = T2ITask().run(ctx)
+    assert t.scores["tokens_per_forward"] == pytest.approx(sum(it.grid[0] * it.grid[1] for it in ho.t2i) / sum(steps))
+    assert 0 < sum(steps) <= t.scores["nfe_per_image"] * len(ho.t2i)  # the prefill is not counted
+
+
 def test_speed_counts_are_exact(env):
     from evals.tasks.speed import SpeedTask
 

@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from data_pipeline.config import DataConfig
 from evals.config import EvalConfig
 from launch.config import LaunchConfig
+from training.backbone_distill.config import DistillBackboneConfig
 from training.config_errors import ConfigError, check as _check
 from training.decoder.config import DecoderConfig, DistillConfig
 from training.diffusion.config import DiffusionConfig
@@ -247,6 +248,7 @@ class Config:
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    distill_backbone: DistillBackboneConfig = field(default_factory=DistillBackboneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

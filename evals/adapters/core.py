@@ -49,7 +49,7 @@ class MultimodalModel:
         from evals.tasks.vqa import generate_answers
 
         n = max_new_tokens or self.ctx.sampler.gen_length
-        out, _ = generate_answers(self.ctx, [self.prompt(images, text)], n, "generate")
+        out, *_ = generate_answers(self.ctx, [self.prompt(images, text)], n, "generate")
         answer = out[0]
         for stop in until or []:
             if stop and stop in answer:

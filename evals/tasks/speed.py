@@ -73,7 +73,7 @@ def _time_image(ctx: EvalContext, item, settings, scores: dict, table: list) -> 
     """Tokens by the t2i task's own sampler call (its guidance scale), then each decoder on them."""
     from evals.tasks.t2i import generate_codes
 
-    (codes, nfe), secs = _timed(lambda: generate_codes(ctx, item), ctx.ecfg.speed_repeats)
+    (codes, nfe, _), secs = _timed(lambda: generate_codes(ctx, item), ctx.ecfg.speed_repeats)
     n_tok = item.grid[0] * item.grid[1]
     scores.update({"image/nfe": float(nfe), "image/tokens_per_forward": n_tok / nfe, "image/token_seconds": secs})
     table.append({"stage": "image tokens", "nfe": nfe, "tokens": n_tok, "tokens_per_forward": round(n_tok / nfe, 3),

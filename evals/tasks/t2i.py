@@ -20,8 +20,9 @@ def _mean(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def generate_codes(ctx: EvalContext, item) -> tuple[torch.Tensor, int]:
-    """VQ code grid [gh, gw] for one item, and the sampler's forward passes."""
+def generate_codes(ctx: EvalContext, item) -> tuple[torch.Tensor, int, int]:
+    """VQ code grid [gh, gw] for one item, the sampler's forward passes and its denoising ones (prefill not
+    counted)."""
     from training.diffusion.samplers import generate_image
 
     settings = ctx.sampler
@@ -30,7 +31,7 @@ def generate_codes(ctx: EvalContext, item) -> tuple[torch.Tensor, int]:
     uncond = item.uncond if settings.cfg_scale != 1.0 else None
     res = generate_image(ctx.model, item.cond, uncond, item.grid, settings, mask_id=ctx.specials.mask,
                          image_offset=ctx.image_offset, codebook_size=ctx.codebook_size, device=ctx.device)
-    return res.codes[0].cpu(), res.nfe
+    return res.codes[0].cpu(), res.nfe, res.steps
 
 
 class T2ITask(HeldOutTask):
@@ -43,12 +44,14 @@ class T2ITask(HeldOutTask):
 
         from data_pipeline.shapes import detect, render
 
-        codes, nfe = [], 0
+        codes, nfe, steps = [], 0, 0
         for it in tqdm(items, desc="t2i tokens", disable=not (ctx.ecfg.progress and ctx.is_main), leave=False):
-            c, n = generate_codes(ctx, it)
+            c, n, k = generate_codes(ctx, it)
             codes.append(c)
-            nfe += n
-        scores: dict[str, float] = {"items": float(len(items)), "nfe_per_image": nfe / len(items)}
+            nfe, steps = nfe + n, steps + k
+        # image tokens per denoising forward, the parallel-decoding figure distill-backbone is judged on
+        scores: dict[str, float] = {"items": float(len(items)), "nfe_per_image": nfe / len(items),
+                                    "tokens_per_forward": sum(c.numel() for c in codes) / max(steps, 1)}
         table, samples, figures = [], [], {}
         first = None
         for name, decode in ctx.decoders.items():

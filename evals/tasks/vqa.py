@@ -29,23 +29,28 @@ def overlap_f1(reference: str, predicted: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def generate_answers(ctx: EvalContext, prompts: list[list[int]], gen_length: int, desc: str) -> tuple[list[str], int]:
-    """Generated strings (up to the first EOS) and the total sampler forward passes."""
+def generate_answers(ctx: EvalContext, prompts: list[list[int]], gen_length: int,
+                     desc: str) -> tuple[list[str], int, float]:
+    """Generated strings (up to the first EOS), the total sampler forward passes, and tokens per forward: answer
+    tokens (each answer and its EOS) / denoising forwards (prefill not counted) x the rows that shared them, so
+    with eval.batch_size=1 it is each answer's own count, what parallel-decoding distillation raises."""
     from tqdm import tqdm
 
     from training.diffusion.samplers import generate_text
 
     e = ctx.ecfg
     settings = ctx.sampler.replace(gen_length=gen_length)
-    texts, nfe = [], 0
+    texts, nfe, tokens, forwards = [], 0, 0, 0
     for s in tqdm(range(0, len(prompts), e.batch_size), desc=desc, disable=not (e.progress and ctx.is_main),
                   leave=False):
         res = generate_text(ctx.model, prompts[s:s + e.batch_size], settings, mask_id=ctx.specials.mask,
                             eos_id=ctx.specials.eos, device=ctx.device)
         nfe += res.nfe
+        tokens += int((res.lengths + 1).clamp(max=gen_length).sum())
+        forwards += res.steps * len(res.lengths)
         for row, n in zip(res.tokens.cpu(), res.lengths.cpu()):
             texts.append(ctx.tokenizer.decode(row[:int(n)].tolist()).strip())
-    return texts, nfe
+    return texts, nfe, tokens / max(forwards, 1)
 
 
 class VQATask(HeldOutTask):
@@ -57,11 +62,11 @@ class VQATask(HeldOutTask):
         from data_pipeline.shapes import score_answer
         from evals.heldout import answer_set
 
-        answers, nfe = generate_answers(ctx, [it.prompt for it in items], ctx.ecfg.vqa_gen_length, "vqa")
+        answers, nfe, tpf = generate_answers(ctx, [it.prompt for it in items], ctx.ecfg.vqa_gen_length, "vqa")
         hits = [score_answer(it.reference, a) for it, a in zip(items, answers)]
         blind_hits = None
         if ctx.ecfg.image_blind:
-            blind, _ = generate_answers(ctx, [it.prompt for it in blinded(ctx, items)], ctx.ecfg.vqa_gen_length,
+            blind, *_ = generate_answers(ctx, [it.prompt for it in blinded(ctx, items)], ctx.ecfg.vqa_gen_length,
                                         "vqa (image-blind)")
             blind_hits = [score_answer(it.reference, a) for it, a in zip(items, blind)]
         prior, prior_by_type = answer_prior([it.reference for it in items], [it.qtype for it in items])
@@ -86,7 +91,8 @@ class VQATask(HeldOutTask):
         baselines = {"accuracy": chance_sum / n, "answer_prior": prior}
         if blind_hits is not None:
             baselines["image_blind"] = sum(blind_hits) / n
-        res = TaskResult(self.name, scores={"accuracy": sum(hits) / n, "items": float(n), "nfe": float(nfe)},
+        res = TaskResult(self.name, scores={"accuracy": sum(hits) / n, "items": float(n), "nfe": float(nfe),
+                                              "tokens_per_forward": tpf},
                          baselines=baselines, samples=samples)
         res.tables["per_type"] = table
         return res
@@ -98,7 +104,7 @@ class CaptionTask(HeldOutTask):
     items_of = "caption"
 
     def score(self, ctx: EvalContext, items: list) -> TaskResult:
-        caps, nfe = generate_answers(ctx, [it.prompt for it in items], ctx.ecfg.caption_gen_length, "caption")
+        caps, nfe, tpf = generate_answers(ctx, [it.prompt for it in items], ctx.ecfg.caption_gen_length, "caption")
         f1 = [overlap_f1(it.reference, c) for it, c in zip(items, caps)]
         exact = [words(it.reference) == words(c) for it, c in zip(items, caps)]
         n = len(items)
@@ -108,8 +114,9 @@ class CaptionTask(HeldOutTask):
                    for it, c, f in list(zip(items, caps, f1))[:8]]
         baselines = {"f1": sum(shifted) / len(shifted), "exact": 0.0, "answer_prior": sum(shifted) / len(shifted)}
         if ctx.ecfg.image_blind:
-            blind, _ = generate_answers(ctx, [it.prompt for it in blinded(ctx, items)], ctx.ecfg.caption_gen_length,
+            blind, *_ = generate_answers(ctx, [it.prompt for it in blinded(ctx, items)], ctx.ecfg.caption_gen_length,
                                         "caption (image-blind)")
             baselines["image_blind"] = sum(overlap_f1(it.reference, c) for it, c in zip(items, blind)) / n
         return TaskResult(self.name, scores={"f1": sum(f1) / n, "exact": sum(exact) / n, "items": float(n),
-                                             "nfe": float(nfe)}, baselines=baselines, samples=samples)
+                                             "nfe": float(nfe), "tokens_per_forward": tpf}, baselines=baselines,
+                         samples=samples)

@@ -74,3 +74,20 @@ def complementary_mask(masked: torch.Tensor, maskable: torch.Tensor) -> torch.Te
 
 def apply_mask(input_ids: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
     return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+
+
+def trajectory_mask(reveal: torch.Tensor, block_size: int, generator: torch.Generator | None = None):
+    """Path distillation's noising (dFactory's compressed transitions s_i -> s_j): reveal [B, L] is a sampler
+    trajectory (0: context, k + 1: accepted at the k-th denoising step of its block; data_pipeline/packing.py).
+    Per block a cut c ~ U{0 .. its last step}: the block after c steps (tokens revealed at steps < c clean, the rest
+    masked) is a state the sampler was in, and every token it revealed later is a target, so one forward learns
+    the whole jump. -> (masked [B, L], t [B, L] = the block's masked fraction of its generated tokens)."""
+    bsz, length = reveal.shape
+    nb = -(-length // block_size)
+    r = torch.nn.functional.pad(reveal, (0, nb * block_size - length)).view(bsz, nb, block_size)
+    steps = r.amax(-1)  # 1 + the block's last step; 0 = nothing generated in it
+    cut = (torch.rand((bsz, nb), device=reveal.device, generator=generator) * steps).floor()
+    masked = (r > 0) & (r - 1 >= cut[..., None])
+    frac = masked.sum(-1) / (r > 0).sum(-1).clamp(min=1)
+    t = frac[..., None].expand(-1, -1, block_size).reshape(bsz, -1)[:, :length]
+    return masked.reshape(bsz, -1)[:, :length], t

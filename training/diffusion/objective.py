@@ -3,7 +3,8 @@
 Per batch (the loader's dict: input_ids, doc_ids, maskable, is_image, position_ids, all [B, L]; CFG condition
 dropout is already in the data, see data.t2i_uncond_prob):
   1. t per sample (or per block), mask every maskable token with probability mask_prob(t); optionally the
-     complementary mask as a second copy of the batch;
+     complementary mask as a second copy of the batch; a batch of sampler trajectories (`reveal`, path
+     distillation) is masked at a cut of each block's trajectory instead (noise.trajectory_mask);
   2. forward x_t || x_0 under the block-diffusion mask (MDLM: x_t only under the document mask);
   3. cross-entropy on masked positions, optional ELBO weight, normalised per masked token or per maskable token
      ("sequence": the NELBO per token, LLaDA's 1/(B L) for pre-training and 1/answer-length for SFT; "token" over
@@ -18,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from training.diffusion.masks import training_inputs
 from training.diffusion.noise import (apply_mask, complementary_mask, draw_mask, elbo_weight, mask_prob, per_token_t,
-                                      sample_t, time_from_mask_prob)
+                                      sample_t, time_from_mask_prob, trajectory_mask)
 from training.diffusion.schedule import block_size_at, whole_sequence
 
 
@@ -33,6 +34,9 @@ def token_id(specials, name: str) -> int:
 def _noise(batch: dict, cfg, block_size: int, mask_id: int, generator):
     """-> (x_t, masked [B', L], t per token [B', L], batch') with B' = 2B under complementary masking."""
     ids, maskable = batch["input_ids"], batch["maskable"].bool()
+    if "reveal" in batch:  # a sampler trajectory carries its own masks (path distillation)
+        masked, t = trajectory_mask(batch["reveal"], block_size, generator)
+        return apply_mask(ids, masked, mask_id), masked, t.clamp(min=cfg.mask_eps), batch
     bsz, length = ids.shape
     shape = (bsz, -(-length // block_size)) if cfg.t_per_block and not whole_sequence(block_size, length) else (bsz,)
     t = per_token_t(sample_t(shape, cfg.mask_low, cfg.mask_high, cfg.mask_eps, cfg.stratified_t, ids.device,
@@ -134,7 +138,8 @@ def diffusion_loss(model, batch: dict, cfg, step: int, specials, generator: torc
     loss = loss_diff + out.aux_loss
     cap = torch.zeros((), device=ce.device)
     if cfg.cap_lambda > 0:
-        # CAP: sharpen the distribution where the prediction is already right, so threshold decoding accepts more.
+        # CAP (LLaDA2.0) = dParallel's certainty forcing (dFactory confidence_beta): sharpen the distribution where
+        # the prediction is already right, so threshold decoding accepts more (docs/finetune.md section 3).
         cap = (entropy * correct).sum() / correct.sum().clamp(min=1)
         loss = loss + cfg.cap_lambda * cap
     # No masked token: loss_diff is a sum over an empty selection, still in the graph (the head ran on zero rows:

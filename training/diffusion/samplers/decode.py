@@ -27,6 +27,9 @@ class DecodeResult:
     lengths: torch.Tensor  # [S] tokens before the first EOS (gen_length if none)
     nfe: int  # model forward calls, prefill included (a CFG forward over all branches counts once)
     steps: int  # denoising forward calls (nfe without the prefill)
+    # [S, gen_length] the denoising step, counted within its block, at which each position was accepted (-1: never,
+    # after an early stop): the sampler's trajectory, which path distillation trains on (training/backbone_distill)
+    reveal: torch.Tensor | None = None
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +79,7 @@ def decode_blocks(model, prompt_ids: torch.Tensor, prompt_valid: torch.Tensor | 
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     todo = torch.zeros((rows, total), dtype=torch.bool, device=device)
     todo[:, plen:] = True  # positions still to generate (identical in every branch)
+    reveal = torch.full((n, total), -1, dtype=torch.long, device=device)
 
     cache, nfe, denoise = None, 0, 0
     start_block = plen // block_length
@@ -112,6 +116,7 @@ def decode_blocks(model, prompt_ids: torch.Tensor, prompt_valid: torch.Tensor | 
             sample_todo = block_todo[:n]
             chosen = accept(sample_todo, p, score, scheduled_count(sample_todo, steps - step), threshold)
             chosen, tokens = chosen.repeat(branches, 1), tokens.repeat(branches, 1)
+            reveal[:, s:e] = torch.where(chosen[:n], step, reveal[:, s:e])
             x[:, s:e] = torch.where(chosen, tokens, x[:, s:e])
             todo[:, s:e] &= ~chosen
         if eos_id is not None:
@@ -125,4 +130,4 @@ def decode_blocks(model, prompt_ids: torch.Tensor, prompt_valid: torch.Tensor | 
     if eos_id is not None:
         is_eos = out_tokens == eos_id
         lengths = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), lengths)
-    return DecodeResult(tokens=out_tokens, lengths=lengths, nfe=nfe, steps=denoise)
+    return DecodeResult(tokens=out_tokens, lengths=lengths, nfe=nfe, steps=denoise, reveal=reveal[:, plen:])

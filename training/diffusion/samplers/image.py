@@ -21,6 +21,7 @@ class ImageResult:
     codes: torch.Tensor  # [S, gh, gw] VQ codebook ids (LLM id - image_token_offset)
     ids: torch.Tensor  # [S, gh * gw] LLM token ids
     nfe: int  # forward calls (all guidance branches share one call)
+    steps: int = 0  # denoising forward calls (nfe without the prefill)
 
 
 def _decode_image(model, prompts, guide, grid, settings: SamplerSettings, *, samples, mask_id, image_offset,
@@ -33,7 +34,8 @@ def _decode_image(model, prompts, guide, grid, settings: SamplerSettings, *, sam
                         mask_id=mask_id, threshold=s.threshold, strategy=s.strategy, temperature=s.temperature,
                         branches=len(prompts), guide=guide,
                         vocab_range=(image_offset, image_offset + codebook_size), generator=generator)
-    return ImageResult(codes=(res.tokens - image_offset).view(-1, gh, gw), ids=res.tokens, nfe=res.nfe)
+    return ImageResult(codes=(res.tokens - image_offset).view(-1, gh, gw), ids=res.tokens, nfe=res.nfe,
+                       steps=res.steps)
 
 
 def generate_image(model, cond_prompt: list[int], uncond_prompt: list[int] | None, grid: tuple[int, int],
