@@ -94,8 +94,9 @@ def summarize(cfg, dev: dict, mem: dict, nodes: int, gpn: int, rank: int) -> dic
                                   mem["masked_tokens"] / max(mem["tokens_per_micro_batch"], 1)) \
         * int(dev["tokens_per_step"]) / (nodes * gpn)
     compute_s = flops / cfg.train.peak_flops
-    # The engines issue their collectives synchronously today (expert all-to-all inside each layer, gradient
-    # reduction after the backward): nothing overlaps, so compute at peak plus traffic at link speed bounds the step.
+    # The expert all-to-all is synchronous inside each layer; the gradient reduction may overlap the backward
+    # (train.overlap_grad_reduce, megatron / DeepSpeed), which is not credited: the figure is compute at peak plus
+    # traffic at link speed, as if nothing overlapped.
     step_s = compute_s + comm_s
     budget = lc.gpu_memory_bytes - lc.gpu_memory_reserve_bytes
     return {"fits": peak <= budget, "peak_bytes_per_gpu": peak, "gpu_memory_bytes": lc.gpu_memory_bytes,
