@@ -15,20 +15,20 @@ pytestmark = pytest.mark.dist
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _train_and_save(rank, world, engine, tp, ep, run_dir, steps, etp=1):
+def _train_and_save(rank, world, engine, tp, ep, run_dir, steps, etp=1, extra=()):
     from training.checkpoint import CheckpointManager
     from training.engines import build_engine
-    cfg = make_cfg(engine, tp=tp, ep=ep, etp=etp)
+    cfg = make_cfg(engine, tp=tp, ep=ep, etp=etp, extra=extra)
     eng = build_engine(cfg)
     out = run_engine_steps(eng, cfg, steps=steps)
     path = CheckpointManager(run_dir, keep_last=2).save(eng, steps, {"rank": rank, "note": f"{engine}-r{rank}"})
     return {"path": str(path), **out}
 
 
-def _load_and_continue(rank, world, engine, tp, ep, zero, run_dir, start, steps=1, etp=1):
+def _load_and_continue(rank, world, engine, tp, ep, zero, run_dir, start, steps=1, etp=1, extra=()):
     from training.checkpoint import CheckpointManager
     from training.engines import build_engine
-    cfg = make_cfg(engine, tp=tp, ep=ep, zero=zero, etp=etp)
+    cfg = make_cfg(engine, tp=tp, ep=ep, zero=zero, etp=etp, extra=extra)
     eng = build_engine(cfg)
     ckpt = CheckpointManager(run_dir).latest_valid()
     extra = eng.load(ckpt)
@@ -129,6 +129,22 @@ def test_reshard_deepspeed_tp2_to_native_and_deepspeed_tp2_ep2(tmp_path):
     for engine, world, tp, ep, zero in [("native", 1, 1, 1, 0), ("deepspeed", 4, 2, 2, 2)]:
         res = run_distributed(_load_and_continue, world, engine, tp, ep, zero, tmp_path, 1, timeout=240)
         _check_continues(res, ref, engine)
+
+
+def test_lora_checkpoint_reshards_across_engines(tmp_path):
+    """model.lora saved under megatron EP=2 (frozen base written, AdamW moments for the adapters only) resumes under
+    deepspeed ZeRO-2 EP=2 and a single native process like the uninterrupted single-process LoRA run."""
+    from training.engines.shard_format import ShardReader
+    from training.model.lora import is_adapter
+    lora = ("model.lora.rank=4", "model.lora.alpha=8")
+    ref = reference(make_cfg(extra=lora), steps=2)
+    saved = run_distributed(_train_and_save, 2, "megatron", 1, 2, tmp_path, 1, 1, lora, timeout=240)
+    names = ShardReader(saved[0]["path"]).names()
+    moments = {n.split("/", 1)[1] for n in names if n.startswith("optim.exp_avg/")}
+    assert moments and moments == {n for n in names if is_adapter(n)}
+    for engine, world, ep, zero in [("deepspeed", 2, 2, 2), ("native", 1, 1, 0)]:
+        res = run_distributed(_load_and_continue, world, engine, 1, ep, zero, tmp_path, 1, 1, 1, lora, timeout=240)
+        _check_continues(res, ref, f"lora {engine}")
 
 
 def _save_before_first_step(rank, world, run_dir):

@@ -68,6 +68,7 @@ def test_merged_export_and_adapter_dir_give_base_plus_adapter_logits(tmp_path):
     from training.hf_format import export_hf, import_hf
     from training.model import build_model
     eng = _engine()
+    run_engine_steps(eng, eng.cfg, steps=1)  # the checkpoint holds AdamW moments too
     with torch.no_grad():
         for n, p in eng.unwrap().named_parameters():
             if n.endswith("lora_B"):
@@ -85,6 +86,9 @@ def test_merged_export_and_adapter_dir_give_base_plus_adapter_logits(tmp_path):
     assert (_logits(merged) - want).abs().max() < 1e-5
 
     assert main(["convert", "lora-export", *words[:-2], "--out", str(tmp_path / "adapters")]) == 0
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "adapters/adapter_model.safetensors"), "pt") as f:
+        assert set(f.keys()) == {n for n, p in eng.unwrap().named_parameters() if p.requires_grad}
     size = (tmp_path / "adapters/adapter_model.safetensors").stat().st_size
     assert size < 0.2 * sum(f.stat().st_size for f in (tmp_path / "merged").glob("*.safetensors"))
     export_hf(build_model(eng.cfg.model, "cpu", seed=eng.cfg.train.seed).state_dict(), eng.cfg.model,

@@ -15,7 +15,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-_ADAPTER = re.compile(r"^(.*?)(\.|_)lora_(A|B)$")  # X.lora_A -> X.weight; experts.gate_proj_lora_A -> ...gate_proj
+# X.lora_A -> X.weight; experts.gate_proj_lora_A -> ...gate_proj (a checkpoint's "optim.exp_avg/<name>" is not one)
+_ADAPTER = re.compile(r"^([\w.]*?)(\.|_)lora_(A|B)$")
 
 
 def is_adapter(name: str) -> bool:
