@@ -93,12 +93,16 @@ def test_bf16_params_fp32_master(tmp_path, engine, zero):
         assert torch.equal(v, again["module"][k]), k
 
 
-def _overlap_run(rank, world, engine, zero, overlap):
+def _overlap_runs(rank, world, engine, zero):
+    """One step with the reduction overlapped, then a fresh engine without: -> [on, off]."""
     from training.engines import build_engine
-    cfg = make_cfg(engine, zero=zero, extra=[f"train.overlap_grad_reduce={overlap}", "train.micro_batch_size=1"])
-    eng = build_engine(cfg)
-    out = run_engine_steps(eng, cfg, steps=1)
-    out["state"] = eng.full_state_dict()
+    out = []
+    for overlap in ("true", "false"):
+        cfg = make_cfg(engine, zero=zero, extra=[f"train.overlap_grad_reduce={overlap}", "train.micro_batch_size=1"])
+        eng = build_engine(cfg)
+        active = (eng.model.ddp_config.overlap_grad_reduce if engine == "megatron"
+                  else eng.model.zero_overlap_comm())
+        out.append({**run_engine_steps(eng, cfg, steps=1), "state": eng.full_state_dict(), "active": active})
     return out
 
 
@@ -106,8 +110,8 @@ def _overlap_run(rank, world, engine, zero, overlap):
 def test_overlapped_grad_reduce_gives_the_same_steps(engine, zero):
     """2 ranks x 2 accumulated micro-batches: the reduction overlapped with the last micro-batch's backward
     (started from megatron's / DeepSpeed's grad hooks) gives the steps of the reduction after the backward."""
-    on = run_distributed(_overlap_run, 2, engine, zero, "true")[0]
-    off = run_distributed(_overlap_run, 2, engine, zero, "false")[0]
+    on, off = run_distributed(_overlap_runs, 2, engine, zero)[0]
+    assert on["active"] is True and off["active"] is False  # the switch reached megatron DDP / DeepSpeed ZeRO
     assert on["loss"] == pytest.approx(off["loss"], rel=1e-6)
     assert on["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-5)
     for k, v in off["state"].items():
