@@ -41,7 +41,7 @@ def install_early_signal_handlers() -> None:
         pass
 
 
-if sys.argv[1:2] == ["train"]:
+if sys.argv[1:2] in (["train"], ["distill-backbone"]):
     install_early_signal_handlers()
 
 import argparse  # noqa: E402  (after the handlers, on purpose)
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "target", None):
         parser.print_help()
         return 2
-    if args.target == COMMANDS["train"][0]:  # main(["train", ...]) from Python: as early as it can be here
+    if args.target in (COMMANDS["train"][0], COMMANDS["distill-backbone"][0]):  # the trainer's stages; from
+        # main([...]) in Python: as early as it can be here
         install_early_signal_handlers()
     try:
         config, overrides, args.positionals = _split(args.words)
