@@ -1,6 +1,6 @@
 """The command handlers of the CLI, each `(cfg, args) -> exit code`: thin over the library's typed entries (model info,
 HF import/export, train, data make-sample, tokenizer fit-codebook / train, pretokenize, eval, generate). The flags are in
-launch/registry.py. (train-decoder and distill still have their handlers in training/decoder/train.py.)"""
+launch/registry.py."""
 from __future__ import annotations
 
 import dataclasses
