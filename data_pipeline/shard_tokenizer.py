@@ -3,9 +3,10 @@
 `prepare` (a CPU worker): read the shard, validate and decode every image once, resize it for each use (the
 understanding resize for prompts, the generation crop for t2i targets and decoder pairs), and hand the tokenizer
 its exact input: normalised float32 batches of one size, cut as `ImageTokenizer.encode_images` cuts them (groups
-by size in order, `batch_size` per forward), sent as soon as each is full. `finish` (the same worker, once the ids
-are back): the official layout, the token shard tar and its index. The forward itself is the only thing the
-tokenizer's process does, so its device (or core) never waits for decoding.
+by size in order, `batch_size` per forward), sent as soon as each is full. `finish_steps` (the same worker, once the
+ids are back): the official layout, the token shard tar and its index, as a generator that yields after each raw
+sample, so the worker can run it in the gaps while it waits for the forward on its next shard. The forward itself is
+the only thing the tokenizer's process does, so its device (or core) never waits for decoding.
 
 Decoder pairs (`data.decoder_pairs`): every image's generation-crop VQ ids are stored on the first token sample of
 its raw sample (member `gen.npy`, int32, the grids concatenated) with a pointer in its json (`gen`: raw member
@@ -21,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 
@@ -174,8 +175,10 @@ class ShardTokenizer:
 
     # ----------------------------------------------------------------------------------------- second half
 
-    def finish(self, p: Prepared, fetch: Callable[[int], np.ndarray], out_path: Path, t0: float | None = None) -> dict:
-        """`fetch(n)`: the tokenizer's ids [B, gh, gw] for batch number n of those `prepare` submitted."""
+    def finish_steps(self, p: Prepared, fetch: Callable[[int], np.ndarray], out_path: Path,
+                     t0: float | None = None) -> Generator[None, None, dict]:
+        """`fetch(n)`: the tokenizer's ids [B, gh, gw] for batch number n of those `prepare` submitted. Yields after
+        each raw sample (~0.1-0.5 ms of work here); returns the shard's stats (`finish` runs it to the end)."""
         t0 = time.time() if t0 is None else t0
         ids = {n: fetch(n) for n in p.batcher.numbers()}
 
@@ -219,6 +222,7 @@ class ShardTokenizer:
                     n_pairs += len(pairs)
                 members["json"] = json.dumps(info, sort_keys=True).encode()
                 out.append((f"{s.key}-{t.task}", members, t.task, n_img, len(t)))
+            yield
         offsets = write_tar(out_path, [(k, m) for k, m, *_ in out])
         samples = []
         for key, _, task, n_img, n in out:
@@ -234,3 +238,11 @@ class ShardTokenizer:
                  **({"failed": p.failed} if p.failed else {}), "columns": INDEX_COLUMNS, "samples": samples}
         write_json_atomic(index_path(out_path), index)  # last: its presence marks the shard finished
         return {**stats, "seconds": time.time() - t0, "shard": p.shard.name, "failed": p.failed}
+
+    def finish(self, *args, **kwargs) -> dict:
+        steps = self.finish_steps(*args, **kwargs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as e:
+                return e.value
