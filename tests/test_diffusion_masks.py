@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from training.diffusion import block_diffusion_mask
-from training.diffusion.masks import block_causal_mask, dense_training_mask, flex_training_mask
-from training.model.attention import attend
+from training.diffusion.masks import block_causal_mask, dense_training_mask, flex_training_mask, training_mask
+from training.model.attention import TiledMask, attend, tile_mask
 
 pytestmark = pytest.mark.unit
 
@@ -124,3 +124,30 @@ def test_flex_mask_at_seq_len_8192_follows_the_rule():
     dense_rows = mask.to_dense()[0, 0]  # [2L/128, 2L/128] tile occupancy
     qt, kt = q // 128, kv // 128
     assert bool(dense_rows[qt[want], kt[want]].all())  # every allowed pair lies in a computed tile
+
+
+@pytest.mark.parametrize("block", [32, 128])  # block diffusion (x_t || x_0) and MDLM (the document mask alone)
+def test_tiled_sdpa_equals_dense_sdpa_with_gradients(block):
+    """The CPU training path runs SDPA over each query tile's visible key tiles only (training_mask): output and
+    gradients equal dense SDPA over the whole mask, padding rows (a document that sees nothing) included."""
+    gen = torch.Generator().manual_seed(3)
+    doc = torch.stack([torch.repeat_interleave(torch.arange(6), torch.tensor([20, 30, 14, 40, 6, 18])),
+                       torch.repeat_interleave(torch.arange(3), torch.tensor([64, 50, 14]))])
+    dense = dense_training_mask(doc, block)
+    dense[0, :, 5] = False  # a query row that sees no key (attend lets it see itself)
+    tiled = training_mask(doc, block, "sdpa")
+    assert isinstance(tiled, TiledMask) and tiled.keys.shape[-1] < dense.shape[-1] // tiled.tile
+    tiled = tile_mask(dense)
+    n = dense.shape[-1]
+    q, k, v = (torch.randn(2, h, n, 16, generator=gen, requires_grad=True) for h in (4, 2, 2))
+    grads = []
+    for m in (dense, tiled):
+        out = attend(q, k, v, m)
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        grads.append((out.detach(), *(t.grad.clone() for t in (q, k, v))))
+        for t in (q, k, v):
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    full = torch.ones(1, 1, 64, 64, dtype=torch.bool)
+    assert tile_mask(full) is full  # nothing to skip: the dense mask is kept

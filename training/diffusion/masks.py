@@ -18,6 +18,7 @@ import os
 import torch
 
 from training.diffusion.schedule import whole_sequence
+from training.model.attention import tile_mask
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask
@@ -123,7 +124,7 @@ def training_mask(doc_ids: torch.Tensor, block_size: int, attention: str = "auto
             raise RuntimeError("model.attention=flex cannot train on CPU: FlexAttention has no CPU backward in this "
                                "torch; use model.attention=auto (dense SDPA on CPU, flex on CUDA) or sdpa")
         return flex_training_mask(doc_ids, block_size)
-    return dense_training_mask(doc_ids, block_size)
+    return tile_mask(dense_training_mask(doc_ids, block_size))  # SDPA over the non-empty tiles only
 
 
 def training_inputs(x_t: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
