@@ -60,6 +60,7 @@ class SampleConfig:
     photo_max_side: int = 128  # real photos are resized down to this longest side, pixels
     train_scenes: int = 3000  # shapes scenes in the train split (each gives a caption pair and a VQA sample)
     val_scenes: int = 300
+    vqa_turns: int = 1  # questions per train-scene VQA sample (a multi-turn conversation; val stays single-turn)
     train_docs: int = 300  # multi-image interleaved shapes documents
     val_docs: int = 30
     shards_per_split: int = 4

@@ -89,11 +89,12 @@ def make_split(split: str, scfg, photos) -> tuple[list, list[str]]:
         meta = {"source": "shapes", "answer_key_id": scene.scene_id, "scene": scene.to_json()}
         samples.append((f"shapes-cap-{split}-{i:06d}", {"png": png, "txt": cap.encode(),
                                                          "json": json.dumps({"meta": meta}).encode()}))
-        qa = shapes.pick_question(scene, rng)
-        conv = [{"from": "human", "value": "<image>\n" + qa.question}, {"from": "gpt", "value": qa.answer}]
+        qas = shapes.pick_questions(scene, rng, scfg.vqa_turns if split == "train" else 1)
+        conv = [turn for k, qa in enumerate(qas) for turn in (
+            {"from": "human", "value": ("" if k else "<image>\n") + qa.question}, {"from": "gpt", "value": qa.answer})]
         samples.append((f"shapes-vqa-{split}-{i:06d}", {"png": png, "json": json.dumps(
-            {"conversations": conv, "meta": {**meta, "qtype": qa.qtype}}).encode()}))
-        texts += [cap, qa.question, qa.answer]
+            {"conversations": conv, "meta": {**meta, "qtype": qas[0].qtype}}).encode()}))
+        texts += [cap] + [t for qa in qas for t in (qa.question, qa.answer)]
     for j in range(n_docs):
         rng = random.Random(f"{scfg.seed}/{split}/doc{j}")
         members, dtexts, dimages = {}, [], []

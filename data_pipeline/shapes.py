@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -154,12 +155,29 @@ def questions(scene: Scene) -> list[QA]:
 
 def pick_question(scene: Scene, rng: random.Random) -> QA:
     """One question per sample, with the question type drawn uniformly first so types are balanced."""
-    qs = questions(scene)
-    by_type: dict[str, list[QA]] = {}
-    for q in qs:
-        by_type.setdefault(q.qtype, []).append(q)
-    qtype = rng.choice(sorted(by_type))
-    return rng.choice(by_type[qtype])
+    return pick_questions(scene, rng, 1)[0]
+
+
+def pick_questions(scene: Scene, rng: random.Random, n: int) -> list[QA]:
+    """Up to n distinct questions for one conversation, each drawing its type uniformly among the types with
+    questions left (the first is `pick_question`'s, from the same draws). A question whose answer the earlier
+    turns already say ("what shape is the red one?" after "what color is the square?" -> "red"), or that is an
+    earlier one with its objects swapped ("is b above a?" after "is a above b?"), is left out: every answer must
+    come from the image."""
+    qs, out, said = questions(scene), [], ""
+    words = lambda q: sorted(q.question.rstrip("?").split())  # noqa: E731
+    while len(out) < n:
+        by_type: dict[str, list[QA]] = {}
+        for q in qs:
+            told = re.search(rf"\b{re.escape(q.answer)}\b", said) if q.answer not in ("yes", "no") else \
+                any(words(q) == words(o) for o in out)
+            if q not in out and not told:
+                by_type.setdefault(q.qtype, []).append(q)
+        if not by_type:
+            break
+        out.append(rng.choice(by_type[rng.choice(sorted(by_type))]))
+        said += f" {out[-1].question} {out[-1].answer}"
+    return out
 
 
 def score_answer(expected: str, predicted: str) -> bool:

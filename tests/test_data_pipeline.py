@@ -68,6 +68,33 @@ def raw_by_key(raw_dir: Path, split: str) -> dict:
     return out
 
 
+def test_multi_turn_vqa_samples_ask_only_what_the_image_answers():
+    """data.sample.vqa_turns > 1: each train scene's VQA sample is a conversation whose first turn is the
+    single-turn sample's question; every answer is the answer key's, and none is given away by an earlier turn."""
+    import re
+    from data_pipeline.config import SampleConfig
+    from data_pipeline.sample import make_split
+
+    def convs(turns):
+        cfg = SampleConfig(train_scenes=300, train_docs=0, vqa_turns=turns)
+        return {int(k.rsplit("-", 1)[1]): parse_sample(k, m, ImageLimits())
+                for k, m in make_split("train", cfg, [])[0] if "-vqa-" in k}
+
+    one, four = convs(1), convs(4)
+    assert all(len(a.turns) == 1 for a in one.values()) and sum(len(b.turns) for b in four.values()) > 3 * len(four)
+    for i, b in four.items():
+        assert b.turns[0] == one[i].turns[0]
+        key = {(q.question, q.answer) for q in shapes.questions(shapes.scene_for(0, "train", i))}
+        said = ""
+        for k, (q, ans) in enumerate(b.turns):
+            assert (q, ans) in key
+            if ans in ("yes", "no"):
+                assert all(sorted(q.rstrip("?").split()) != sorted(p.rstrip("?").split()) for p, _ in b.turns[:k])
+            else:
+                assert not re.search(rf"\b{re.escape(ans)}\b", said), (b.turns, k)
+            said += f" {q} {ans}"
+
+
 @pytest.mark.e2e
 def test_round_trip_text_and_image_grid(data_env):
     d, _, _ = data_env
