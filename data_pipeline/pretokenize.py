@@ -64,9 +64,11 @@ class _Channel:
     number and a shape: measured, a fresh shared tensor per batch cost the tokenizer process ~1 ms of CPU, 5% of
     a 64-image forward here). A slot is reused once its batch's ids came back (they come back in order).
 
-    Finished-but-unwritten shards wait in `later` and are written a raw sample at a time whenever the worker would
-    otherwise block on the forward (its ids not back yet): measured, writing a 1,150-image shard in one go (~0.3 s)
-    left the forward idle once its SLOTS batches were done, 1 s of a 5 s run."""
+    Shards being read or waiting to be written sit in `later`; they are laid out and written a raw sample at a time
+    (ShardTokenizer.finish_steps) whenever the worker would otherwise block on the forward (its ids not back yet):
+    measured, writing a 1,150-image shard in one go between shards (~0.3 s) left the forward idle once its SLOTS
+    batches were done, 1 s of a 5 s run; and a shard's own samples are laid out while it is still being read, so
+    the last shard leaves little to write once the forward is done."""
 
     SLOTS = 3
 
@@ -74,7 +76,7 @@ class _Channel:
         self.wid, self.requests, self.responses, self.mean, self.std = wid, requests, responses, mean, std
         self.slots: list[torch.Tensor | None] = [None] * self.SLOTS
         self.sent, self.received, self.ids = 0, 0, {}
-        self.later: collections.deque = collections.deque()  # [last batch number, finish steps] per shard
+        self.later: collections.deque = collections.deque()  # finish_steps generators, oldest shard first
 
     def _receive(self) -> None:
         while self.later and self.responses.empty() and self._step():
@@ -83,27 +85,22 @@ class _Channel:
         self.received += 1
 
     def _step(self) -> bool:
-        """One raw sample of the oldest waiting shard, if all its ids are back (then no fetch blocks inside)."""
-        last, steps = self.later[0]
-        if last >= self.received:
-            return False
+        """One raw sample of the oldest shard in `later`; False: it waits on ids (or on its read) instead."""
         try:
-            next(steps)
+            return next(self.later[0])
         except StopIteration as e:
             self.later.popleft()
             self.requests.put(("done", self.wid, e.value))
-        return True
+            return True
 
-    def defer(self, last: int, steps) -> None:
-        """A prepared shard's `finish_steps`; `last`: its last batch number (-1: none)."""
-        self.later.append([last, steps])
+    def ready(self, n: int) -> bool:
+        return n < self.received
 
     def drain(self, keep: int) -> None:
-        """Write waiting shards until `keep` remain (bounds the ids and plans held)."""
+        """Write shards until `keep` remain in `later` (bounds the ids and plans held); all of them must be read."""
         while len(self.later) > keep:
-            while self.received <= self.later[0][0]:
+            if not self._step():
                 self._receive()
-            self._step()
 
     def submit(self, u8: np.ndarray) -> int:
         n, i = self.sent, self.sent % self.SLOTS
@@ -126,15 +123,15 @@ class _Channel:
 
 def _worker(st: ShardTokenizer, jobs, requests, responses, wid: int) -> None:
     """One CPU worker (forked: `st`, the tokenizer process's own, comes with the fork) over whole shards: prepare
-    shard k+1 (its batches go out as they fill) while writing shard k in the waits, so the forward has work."""
+    shard k+1 (its batches go out as they fill) while writing shards <= k+1 in the waits, so the forward has work."""
     _die_with_parent()
     torch.set_num_threads(1)
     try:
         ch = _Channel(wid, requests, responses, st.image.mean, st.image.std)
         while (job := jobs.get()) is not None:
-            t0 = time.time()
-            prep = st.prepare(job[0], ch.submit)
-            ch.defer(max(prep.batcher.numbers(), default=-1), st.finish_steps(prep, ch.result, Path(job[1]), t0))
+            p = st.start(job[0], ch.submit)
+            ch.later.append(st.finish_steps(p, ch.result, Path(job[1]), time.time(), ch.ready))
+            st.read(p)
             ch.drain(DEFERRED_SHARDS)
         ch.drain(0)
     except BaseException:

@@ -93,6 +93,12 @@ class Batcher:
         size, k = handle
         return self.batches[size][k // self.bs], k % self.bs
 
+    def number(self, handle: tuple[tuple, int]) -> int | None:
+        """The batch number of a handle's image; None while its batch is still filling."""
+        size, k = handle
+        ns = self.batches.get(size, ())
+        return ns[k // self.bs] if k // self.bs < len(ns) else None
+
     def numbers(self) -> list[int]:
         return sorted(n for ns in self.batches.values() for n in ns)
 
@@ -109,6 +115,7 @@ class Prepared:
     nbytes: int = 0
     plan: list = field(default_factory=list)  # (RawSample without pixels, und handles, t2i handle, pairs)
     batcher: Batcher | None = None
+    read: bool = False  # the whole shard has been read (plan, quarantine and counts are final)
 
 
 class ShardTokenizer:
@@ -139,7 +146,16 @@ class ShardTokenizer:
     # ------------------------------------------------------------------------------------------ first half
 
     def prepare(self, shard: RawShard, submit: Callable[[np.ndarray], int]) -> Prepared:
-        p = Prepared(shard, batcher=Batcher(self.icfg.batch_size, submit))
+        p = self.start(shard, submit)
+        self.read(p)
+        return p
+
+    def start(self, shard: RawShard, submit: Callable[[np.ndarray], int]) -> Prepared:
+        """An empty Prepared: `finish_steps` may be started on it before `read` fills it."""
+        return Prepared(shard, batcher=Batcher(self.icfg.batch_size, submit))
+
+    def read(self, p: Prepared) -> None:
+        shard = p.shard
         reader = ShardReader(shard.url)
         for key, members, err in reader:  # batches leave as they fill: the forward starts on the shard's first
             p.n_inputs += 1
@@ -158,7 +174,7 @@ class ShardTokenizer:
         if reader.failed:  # the transport, not the data: nothing of this read is kept, the next run retries
             p.n_inputs, p.plan, p.truncated = 1, [], ""
             p.quarantine = [{"key": "<shard>", "reason": "stream_failed", "detail": f"{shard.url}: {reader.failed}"}]
-        return p
+        p.read = True
 
     def _resize_and_batch(self, s: RawSample, members: dict, b: Batcher) -> tuple:
         icfg = self.icfg
@@ -175,21 +191,37 @@ class ShardTokenizer:
 
     # ----------------------------------------------------------------------------------------- second half
 
-    def finish_steps(self, p: Prepared, fetch: Callable[[int], np.ndarray], out_path: Path,
-                     t0: float | None = None) -> Generator[None, None, dict]:
-        """`fetch(n)`: the tokenizer's ids [B, gh, gw] for batch number n of those `prepare` submitted. Yields after
-        each raw sample (~0.1-0.5 ms of work here); returns the shard's stats (`finish` runs it to the end)."""
+    def finish_steps(self, p: Prepared, fetch: Callable[[int], np.ndarray], out_path: Path, t0: float | None = None,
+                     ready: Callable[[int], bool] = lambda n: True) -> Generator[bool, None, dict]:
+        """`fetch(n)`: the tokenizer's ids [B, gh, gw] for batch number n of those `p.batcher` submitted; `ready(n)`:
+        fetch(n) would not block. A generator over `p` while `read` may still be filling it: it lays out each raw sample
+        as soon as its ids are back and yields True after each (~0.1-0.5 ms of work here), False when it must wait
+        (for ids not `ready`, or for `read` to go on); it returns the shard's stats (`finish` runs it to the end)."""
         t0 = time.time() if t0 is None else t0
-        ids = {n: fetch(n) for n in p.batcher.numbers()}
+        ids: dict[int, np.ndarray] = {}
 
         def grid(h):
             bi, row = p.batcher.locate(h)
+            if bi not in ids:
+                ids[bi] = fetch(bi)
             g = ids[bi][row]
             return g, *g.shape
 
+        def waits(sample) -> bool:
+            _, und, gen, pairs = sample
+            hs = [*und, *([gen] if gen is not None else []), *(h for _, h, _ in pairs)]
+            ns = [p.batcher.number(h) for h in hs]
+            return any(n is None or (n not in ids and not ready(n)) for n in ns)
+
         out, tok_text, tok_img, tasks, n_pairs = [], 0, 0, {}, 0
         tk, sp, off = self.text, self.specials, self.offset
-        for s, und, gen, pairs in p.plan:
+        i = 0
+        while not p.read or i < len(p.plan):
+            if i == len(p.plan) or waits(p.plan[i]):
+                yield False
+                continue
+            s, und, gen, pairs = p.plan[i]
+            i += 1
             meta = {"source_key": s.key, **s.meta}
             built = []
             if s.kind == "interleaved":
@@ -222,7 +254,14 @@ class ShardTokenizer:
                     n_pairs += len(pairs)
                 members["json"] = json.dumps(info, sort_keys=True).encode()
                 out.append((f"{s.key}-{t.task}", members, t.task, n_img, len(t)))
-            yield
+            yield True
+        for n in p.batcher.numbers():  # every batch's ids taken, also those of a failed read's discarded plan
+            while n not in ids and not ready(n):
+                yield False
+            if n not in ids:
+                ids[n] = fetch(n)
+        if p.failed:  # the read failed after samples were laid out: nothing of it is kept (`read` emptied the plan)
+            out, tok_text, tok_img, tasks, n_pairs = [], 0, 0, {}, 0
         offsets = write_tar(out_path, [(k, m) for k, m, *_ in out])
         samples = []
         for key, _, task, n_img, n in out:
@@ -239,8 +278,9 @@ class ShardTokenizer:
         write_json_atomic(index_path(out_path), index)  # last: its presence marks the shard finished
         return {**stats, "seconds": time.time() - t0, "shard": p.shard.name, "failed": p.failed}
 
-    def finish(self, *args, **kwargs) -> dict:
-        steps = self.finish_steps(*args, **kwargs)
+    def finish(self, p: Prepared, fetch: Callable[[int], np.ndarray], out_path: Path, t0: float | None = None) -> dict:
+        """`finish_steps` at once, on a shard `prepare` read to the end."""
+        steps = self.finish_steps(p, fetch, out_path, t0)
         while True:
             try:
                 next(steps)
