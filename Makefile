@@ -17,6 +17,9 @@ $(BIN)/.installed: pyproject.toml
 	# torch first and pinned: the CPU build 2.13.0; an unpinned torch pulls gigabytes of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# lmms-eval for its CLI test, without its requirements (they pin wandb==0.25.0 and pull torchvision); the
+	# packages its CLI imports are in the test extra.
+	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3
 	touch $@
 
 setup: $(BIN)/.installed

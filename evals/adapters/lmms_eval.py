@@ -7,10 +7,13 @@ lmms-eval calls, on a subclass of `lmms_eval.api.model.lmms` registered with `@r
                            -> [str]; gen_kwargs carries `until` and `max_new_tokens`
 where `doc_to_visual(self.task_dict[task][split][doc_id])` gives the PIL images and `task_dict` is filled by the
 evaluator. The methods live in `LmmsEvalMethods` (no lmms-eval import), so they run and are tested without the
-package; `register()` builds the real subclass when lmms-eval is installed:
+package. lmms-eval finds the model the way it documents for plugins: the entry point `unidiff` of the group
+`lmms_eval.models` (pyproject.toml) names `manifest()`, whose class path is `evals.adapters.lmms_eval_model.UnidiffLMMS`
+(built by `register()`, imported by lmms-eval only when `--model unidiff` is asked for):
 
-    from evals.adapters.lmms_eval import register; register()
     python -m lmms_eval --model unidiff --model_args config=configs/experiments/x.yaml,checkpoint=runs/x/... --tasks ...
+
+A local task over the shapes val split: `evals.adapters.lmms_shapes_task` (docs/evals.md).
 """
 from __future__ import annotations
 
@@ -81,3 +84,10 @@ def register(name: str = "unidiff"):
             LmmsEvalMethods.__init__(self, **kwargs)
 
     return register_model(name)(UnidiffLMMS)
+
+
+def manifest():
+    """The `lmms_eval.models` entry point: lmms-eval's model manifest for `--model unidiff`."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="unidiff", simple_class_path="evals.adapters.lmms_eval_model.UnidiffLMMS")
