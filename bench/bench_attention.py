@@ -1,5 +1,6 @@
-"""Block-diffusion attention: dense 2L x 2L boolean mask under SDPA (baseline) vs the FlexAttention BlockMask path,
-for L in {1k, 2k, 4k} tokens of packed documents (x_t || x_0 = 2L queries and keys).
+"""Block-diffusion attention: dense 2L x 2L boolean mask under SDPA (baseline) vs the FlexAttention BlockMask path
+and the tiled SDPA path (the CPU training default: SDPA over each query tile's visible key tiles), for L in
+{1k, 2k, 4k} tokens of packed documents (x_t || x_0 = 2L queries and keys).
 
 Each measurement runs in a fresh subprocess so its peak memory is its own: CUDA max_memory_allocated on GPU,
 the rise of the process's peak RSS (VmHWM) on CPU. Prints the flex / dense ratios of time and memory and writes JSON.
@@ -32,7 +33,7 @@ def _worker(path: str, length: int, device: str, heads: int, kv_heads: int, head
 
     sys.path.insert(0, str(ROOT))
     from training.diffusion.masks import dense_training_mask, flex_training_mask
-    from training.model.attention import attend
+    from training.model.attention import attend, tile_mask
 
     gen = torch.Generator().manual_seed(0)
     # Packed documents of random lengths around doc_len (so some blocks straddle documents).
@@ -53,6 +54,8 @@ def _worker(path: str, length: int, device: str, heads: int, kv_heads: int, head
 
     if path == "flex":
         build = lambda: flex_training_mask(doc, block)  # noqa: E731
+    elif path == "tiled":
+        build = lambda: tile_mask(dense_training_mask(doc, block))  # noqa: E731
     else:
         build = lambda: dense_training_mask(doc, block)  # noqa: E731
     mask = build()
@@ -70,8 +73,9 @@ def _worker(path: str, length: int, device: str, heads: int, kv_heads: int, head
     sync()
     seconds = (time.perf_counter() - t0) / repeats
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024) - base
-    if path == "flex":
-        mask_bytes = sum(t.numel() * t.element_size() for t in vars(mask).values() if torch.is_tensor(t))
+    if path != "dense":
+        parts = vars(mask).values() if path == "flex" else mask
+        mask_bytes = sum(t.numel() * t.element_size() for t in parts if torch.is_tensor(t))
     else:
         mask_bytes = mask.numel() * mask.element_size()
     del out
@@ -110,24 +114,28 @@ def main() -> int:
 
     rows = []
     for length in tqdm(args.lengths, desc="attention bench"):
-        dense, flex = _run_child(args, "dense", length), _run_child(args, "flex", length)
-        row = {"length": length, "dense": dense, "flex": flex}
+        dense, flex, tiled = (_run_child(args, path, length) for path in ("dense", "flex", "tiled"))
+        row = {"length": length, "dense": dense, "flex": flex, "tiled": tiled}
+        if "error" not in dense and "error" not in tiled:
+            row["time_ratio_tiled_over_dense"] = tiled["seconds"] / dense["seconds"]
         if "error" not in dense and "error" not in flex:
             row["time_ratio_flex_over_dense"] = flex["seconds"] / dense["seconds"]
             row["memory_ratio_flex_over_dense"] = flex["peak_bytes"] / max(dense["peak_bytes"], 1)
             row["mask_ratio_flex_over_dense"] = flex["mask_bytes"] / dense["mask_bytes"]
         rows.append(row)
     print(f"{'L':>6} {'dense ms':>10} {'flex ms':>10} {'time x':>8} {'dense MiB':>10} {'flex MiB':>10} "
-          f"{'mem x':>7} {'mask x':>8}")
+          f"{'mem x':>7} {'mask x':>8} {'tiled ms':>9} {'tiled x':>8}")
     for r in rows:
-        d, f = r["dense"], r["flex"]
+        d, f, t = r["dense"], r["flex"], r["tiled"]
         if "error" in d or "error" in f:
-            print(f"{r['length']:>6} error: {d.get('error') or f.get('error')}")
+            tiled = f"tiled x{r['time_ratio_tiled_over_dense']:.3f}" if "time_ratio_tiled_over_dense" in r else ""
+            print(f"{r['length']:>6} error: {d.get('error') or f.get('error')} {tiled}")
             continue
         print(f"{r['length']:>6} {d['seconds'] * 1e3:>10.1f} {f['seconds'] * 1e3:>10.1f} "
               f"{r['time_ratio_flex_over_dense']:>8.3f} {d['peak_bytes'] / 2**20:>10.1f} "
               f"{f['peak_bytes'] / 2**20:>10.1f} {r['memory_ratio_flex_over_dense']:>7.3f} "
-              f"{r['mask_ratio_flex_over_dense']:>8.4f}")
+              f"{r['mask_ratio_flex_over_dense']:>8.4f} {t.get('seconds', float('nan')) * 1e3:>9.1f} "
+              f"{r.get('time_ratio_tiled_over_dense', float('nan')):>8.3f}")
     result = {"device": args.device, "baseline": "dense 2Lx2L bool mask + SDPA", "heads": args.heads,
               "kv_heads": args.kv_heads, "head_dim": args.head_dim, "block": args.block, "doc_len": args.doc_len,
               "rows": rows}
