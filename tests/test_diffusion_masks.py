@@ -135,7 +135,8 @@ def test_tiled_sdpa_equals_dense_sdpa_with_gradients(block):
                        torch.repeat_interleave(torch.arange(3), torch.tensor([64, 50, 14]))])
     dense = dense_training_mask(doc, block)
     dense[0, :, 5] = False  # a query row that sees no key (attend lets it see itself)
-    tiled = training_mask(doc, block, "sdpa")
+    assert training_mask(doc, block, "sdpa").dtype == torch.bool  # sdpa: the dense reference
+    tiled = training_mask(doc, block, "auto")
     assert isinstance(tiled, TiledMask) and tiled.keys.shape[-1] < dense.shape[-1] // tiled.tile
     tiled = tile_mask(dense)
     n = dense.shape[-1]

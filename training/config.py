@@ -88,7 +88,7 @@ class ModelConfig:
     expert_bias_update_rate: float = 0.0
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
-    attention: str = "auto"  # auto | flex | sdpa
+    attention: str = "auto"  # auto (flex on CUDA, tiled SDPA on CPU) | flex | sdpa (the dense mask)
     grouped_gemm: str = "auto"  # auto | on | off: torch._grouped_mm for the experts where it runs
     # Recompute in the backward instead of keeping activations: none | full (every decoder layer: only the layer
     # inputs are kept) | selective (attention and the expert MLPs; the router and the all-to-all dispatch are kept)

@@ -106,7 +106,7 @@ def flex_training_mask(doc_ids: torch.Tensor, block_size: int):
 
 
 def use_flex(attention: str, device) -> bool:
-    """model.attention: flex | sdpa | auto. auto = flex on CUDA, dense SDPA on CPU: torch 2.13 has no FlexAttention
+    """model.attention: flex | sdpa | auto. auto = flex on CUDA, tiled SDPA on CPU: torch 2.13 has no FlexAttention
     backward on CPU, and its forward costs ~20 s of compile per shape (bench/bench_attention.py has the numbers)."""
     if attention == "flex":
         if create_block_mask is None:
@@ -124,7 +124,9 @@ def training_mask(doc_ids: torch.Tensor, block_size: int, attention: str = "auto
             raise RuntimeError("model.attention=flex cannot train on CPU: FlexAttention has no CPU backward in this "
                                "torch; use model.attention=auto (dense SDPA on CPU, flex on CUDA) or sdpa")
         return flex_training_mask(doc_ids, block_size)
-    return tile_mask(dense_training_mask(doc_ids, block_size))  # SDPA over the non-empty tiles only
+    mask = dense_training_mask(doc_ids, block_size)
+    # auto off CUDA: SDPA over the non-empty tiles only; sdpa is the dense reference (what `unidiff plan` measures)
+    return tile_mask(mask) if attention == "auto" else mask
 
 
 def training_inputs(x_t: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
