@@ -122,7 +122,7 @@ def training_mask(doc_ids: torch.Tensor, block_size: int, attention: str = "auto
     if use_flex(attention, doc_ids.device):
         if doc_ids.device.type == "cpu" and torch.is_grad_enabled():
             raise RuntimeError("model.attention=flex cannot train on CPU: FlexAttention has no CPU backward in this "
-                               "torch; use model.attention=auto (dense SDPA on CPU, flex on CUDA) or sdpa")
+                               "torch; use model.attention=auto (tiled SDPA on CPU, flex on CUDA) or sdpa")
         return flex_training_mask(doc_ids, block_size)
     mask = dense_training_mask(doc_ids, block_size)
     # auto off CUDA: SDPA over the non-empty tiles only; sdpa is the dense reference (what `unidiff plan` measures)
