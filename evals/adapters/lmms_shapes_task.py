@@ -10,7 +10,6 @@ answer key's exact match (`data_pipeline.shapes.score_answer`), so the two accur
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -48,7 +47,7 @@ metadata:
 
 def val_vqa_docs(raw_split_dir: str | Path, n: int) -> list[dict]:
     """The first n shapes VQA samples (by scene index) of the raw split's shards, with their PNG bytes."""
-    from data_pipeline.formats import iter_tar_samples
+    from data_pipeline.formats import ImageLimits, iter_tar_samples, parse_sample
 
     found = {}
     shards = sorted(Path(raw_split_dir).glob("*.tar"))
@@ -59,10 +58,10 @@ def val_vqa_docs(raw_split_dir: str | Path, n: int) -> list[dict]:
             m = _KEY.match(key)
             if not m or int(m["i"]) >= n:
                 continue
-            conv = json.loads(members["json"])["conversations"]
-            found[int(m["i"])] = {"index": int(m["i"]), "question": conv[0]["value"].replace("<image>", "").strip(),
-                                  "answer": conv[1]["value"], "qtype": json.loads(members["json"])["meta"]["qtype"],
-                                  "image": {"bytes": members["png"], "path": None}}
+            s = parse_sample(key, members, ImageLimits())  # the reader pretokenize uses: same question text
+            (question, answer), *_ = s.turns
+            found[int(m["i"])] = {"index": int(m["i"]), "question": question, "answer": answer,
+                                  "qtype": s.meta["qtype"], "image": {"bytes": members["png"], "path": None}}
     missing = [i for i in range(n) if i not in found]
     if missing:
         raise ValueError(f"{raw_split_dir} ({len(shards)} shards) has no shapes VQA sample for scene(s) {missing[:5]}: "
